@@ -1,0 +1,254 @@
+"""Load and validate ``gridcouple.toml``. Every error names the file, the key and the line.
+
+Shape::
+
+    state_dir = ".gridcouple"          # journal, job directories (relative to this file)
+
+    [backend]
+    name = "local"                     # GRIDCOUPLE_BACKEND overrides it
+
+    [backend.local]                    # one table of options per backend
+    slots = 2
+
+Each table is validated against a dataclass: the backend's ``Options`` for ``[backend.NAME]``,
+:data:`SECTIONS` for the others. The file is found from ``--config``, then ``GRIDCOUPLE_CONFIG``,
+then ``./gridcouple.toml``; with none of them the defaults apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gridcouple.errors import ConfigError
+
+T = TypeVar("T")
+
+CONFIG_ENV = "GRIDCOUPLE_CONFIG"
+BACKEND_ENV = "GRIDCOUPLE_BACKEND"
+DEFAULT_FILE = "gridcouple.toml"
+
+
+@dataclass(frozen=True)
+class BackendSection:
+    """``[backend]``: which backend to use; its options live in ``[backend.NAME]``."""
+
+    name: str = "local"
+
+
+@dataclass(frozen=True)
+class CouplerSection:
+    """``[coupler]``: how the coupler's dask scheduler listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    join_timeout: float = 120.0
+
+
+SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded configuration. ``path`` is None when no file was found (all defaults)."""
+
+    path: Path | None
+    state_dir: Path
+    backend: str
+    sections: Mapping[str, Any]
+    backend_tables: Mapping[str, Mapping[str, Any]]
+    text: str = field(default="", repr=False)
+
+    def section(self, name: str) -> Any:
+        """The validated dataclass of a top-level section, e.g. ``config.section("coupler")``."""
+        return self.sections[name]
+
+    def backend_options(self, name: str, options_type: type[T]) -> T:
+        """Validate ``[backend.NAME]`` against the backend's options dataclass."""
+        return validate(options_type, self.backend_tables.get(name, {}), ("backend", name), self)
+
+    def where(self, keys: tuple[str, ...], *, is_table: bool = False) -> str:
+        """``file:line: [table] key`` (or ``file:line: [table]``) for messages; the line is
+        found by reading the file."""
+        place = str(self.path) if self.path else "<defaults>"
+        line = locate_key(self.text, keys) if self.text else None
+        if line is not None:
+            place += f":{line}"
+        if is_table:
+            return f"{place}: [{'.'.join(keys)}]"
+        table, key = keys[:-1], keys[-1]
+        return f"{place}: [{'.'.join(table)}] {key}" if table else f"{place}: {key}"
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Find, read and validate the configuration (see the module docstring for the order)."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    if path is None and Path(DEFAULT_FILE).is_file():
+        path = DEFAULT_FILE
+    if path is None:
+        data: dict[str, Any] = {}
+        text, file, base = "", None, Path.cwd()
+    else:
+        file = Path(path).expanduser().absolute()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {file} cannot be read: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        base = file.parent
+    return _build(data, file, text, base)
+
+
+def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Config:
+    probe = Config(path=file, state_dir=base, backend="", sections={}, backend_tables={}, text=text)
+    allowed = {"state_dir", *SECTIONS}
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{probe.where((key,))}: unknown key{_suggest(key, allowed)}")
+    state_dir = data.get("state_dir", ".gridcouple")
+    if not isinstance(state_dir, str):
+        raise ConfigError(f"{probe.where(('state_dir',))}: expected a string (a directory path)")
+    backend_table = dict(data.get("backend", {}))
+    if not isinstance(data.get("backend", {}), dict):
+        raise ConfigError(f"{probe.where(('backend',))}: expected a table")
+    backend_tables = {k: v for k, v in backend_table.items() if isinstance(v, dict)}
+    for name in backend_tables:
+        del backend_table[name]
+    sections = {}
+    for name, section_type in SECTIONS.items():
+        table = backend_table if name == "backend" else data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{probe.where((name,))}: expected a table")
+        sections[name] = validate(section_type, table, (name,), probe)
+    backend = os.environ.get(BACKEND_ENV) or sections["backend"].name
+    return Config(
+        path=file,
+        state_dir=(base / Path(state_dir).expanduser()).resolve(),
+        backend=backend,
+        sections=sections,
+        backend_tables=backend_tables,
+        text=text,
+    )
+
+
+def validate(options_type: type[T], table: Mapping[str, Any], where: tuple[str, ...], config: Config) -> T:
+    """Build ``options_type`` (a dataclass) from a TOML table, checking names and types.
+
+    Supported field types: str, int, float, bool, Path, list[X], dict[str, X], X | None,
+    Literal[...]. The dataclass's ``__post_init__`` may raise ValueError for bad values.
+    """
+    hints = typing.get_type_hints(options_type)
+    fields = {f.name: f for f in dataclasses.fields(options_type) if f.init}  # type: ignore[arg-type]
+    values = {}
+    for key, value in table.items():
+        keys = (*where, key)
+        if key not in fields:
+            raise ConfigError(f"{config.where(keys)}: unknown key{_suggest(key, fields)}")
+        values[key] = _convert(value, hints[key], keys, config)
+    try:
+        return options_type(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{config.where(where, is_table=True)}: {exc}") from None
+
+
+def _convert(value: Any, hint: Any, keys: tuple[str, ...], config: Config) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, keys, config)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{config.where(keys)}: {value!r} is not one of {choices}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{config.where(keys)}: expected a list, got {_kind(value)}")
+        converted = [_convert(v, args[0], keys, config) for v in value]
+        return converted if origin is list else tuple(converted)
+    if origin in (dict, Mapping) or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{config.where(keys)}: expected a table, got {_kind(value)}")
+        inner = args[1] if args else Any
+        return {k: _convert(v, inner, (*keys, k), config) for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Path and isinstance(value, str):
+        base = config.path.parent if config.path else Path.cwd()
+        return (base / Path(value).expanduser()).resolve()
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(
+            f"{config.where(keys)}: expected {_TYPE_NAMES.get(hint, hint.__name__)}, "
+            f"got {_kind(value)} {value!r}"
+        )
+    return value
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               Path: "a path string"}
+
+
+def _kind(value: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _suggest(key: str, known: typing.Iterable[str]) -> str:
+    names = sorted(known)
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f" {key!r}{hint}; known keys: {', '.join(names)}"
+
+
+_TABLE_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _split_dotted(text: str) -> tuple[str, ...]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
+    return tuple(p.strip("\"'") for p in parts)
+
+
+def locate_key(text: str, keys: tuple[str, ...]) -> int | None:
+    """The 1-based line of ``keys`` (a table path plus key) in TOML text, or of its table."""
+    table: tuple[str, ...] = ()
+    table_line = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = _TABLE_RE.match(line)
+        if match:
+            table = _split_dotted(match.group(1))
+            if table == keys:
+                return number
+            if table == keys[: len(table)] and table:
+                table_line = number
+            continue
+        match = _KEY_RE.match(line)
+        if match and (*table, *_split_dotted(match.group(1))) == keys:
+            return number
+    return table_line

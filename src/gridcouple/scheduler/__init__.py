@@ -1,0 +1,1 @@
+"""Deciding when and where jobs run: policies, simulated time, traces, metrics, the journal."""

@@ -1,0 +1,247 @@
+"""Durable job records in sqlite, shared by every backend and every process on a state dir.
+
+A job is recorded (state NEW) before the batch system hears of it, so a client killed mid-way
+through a submission leaves no job running without a record. Each change of state is appended
+to ``events``, which ``wait`` and ``gridcouple status --watch`` follow. WAL mode with
+``synchronous=NORMAL``: a commit survives the death of any process; only an operating-system
+crash may lose the last transactions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gridcouple.errors import JobNotFoundError
+from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    backend TEXT NOT NULL,
+    native_id TEXT NOT NULL DEFAULT '',
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    native_state TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT '',
+    exit_code INTEGER,
+    signal INTEGER,
+    submit_time REAL NOT NULL,
+    start_time REAL,
+    end_time REAL,
+    host TEXT NOT NULL DEFAULT '',
+    workdir TEXT NOT NULL DEFAULT '',
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    extra TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_native ON jobs (backend, native_id);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (backend, state);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    time REAL NOT NULL
+);
+"""
+
+_STATUS_COLUMNS = (
+    "state, native_state, reason, exit_code, signal, submit_time, start_time, end_time, host"
+)
+_COLUMNS = f"id, backend, native_id, spec, workdir, cancel_requested, extra, {_STATUS_COLUMNS}"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One journal row: the job handle, its last known status and backend bookkeeping."""
+
+    job: Job
+    status: JobStatus
+    workdir: str
+    cancel_requested: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Journal:
+    """The sqlite journal of one state directory. Safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self.transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- writing -------------------------------------------------------------------------
+
+    def add(self, backend: str, specs: Sequence[JobSpec], state: JobState = JobState.NEW,
+            workdirs: Sequence[str] | None = None) -> list[int]:
+        """Record new jobs in one transaction; returns their ids in order."""
+        now = time.time()
+        ids = []
+        with self.transaction() as db:
+            for index, spec in enumerate(specs):
+                cursor = db.execute(
+                    "INSERT INTO jobs (backend, name, spec, state, submit_time, workdir) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (backend, spec.name, json.dumps(spec.to_dict()), state.value, now,
+                     workdirs[index] if workdirs else ""),
+                )
+                ids.append(cursor.lastrowid)
+            db.executemany("INSERT INTO events (job_id, state, time) VALUES (?, ?, ?)",
+                           [(i, state.value, now) for i in ids])
+        return ids
+
+    def set_native_ids(self, pairs: Iterable[tuple[int, str]], state: JobState | None = None,
+                       workdirs: dict[int, str] | None = None) -> None:
+        """Store the batch system's ids (and optionally a new state) for recorded jobs."""
+        with self.transaction() as db:
+            for job_id, native_id in pairs:
+                db.execute("UPDATE jobs SET native_id = ? WHERE id = ?", (native_id, job_id))
+                if workdirs and job_id in workdirs:
+                    db.execute("UPDATE jobs SET workdir = ? WHERE id = ?",
+                               (workdirs[job_id], job_id))
+                if state is not None:
+                    self._set_status(db, job_id, JobStatus(state), only_if=None)
+
+    def update(self, changes: Iterable[tuple[int, JobStatus]], *,
+               only_if: Sequence[JobState] | None = None) -> list[int]:
+        """Store new statuses; appends an event where the state changed. With ``only_if``, a
+        job changes only while its state is one of those. Returns the ids that changed."""
+        changed = []
+        with self.transaction() as db:
+            for job_id, status in changes:
+                if self._set_status(db, job_id, status, only_if):
+                    changed.append(job_id)
+        return changed
+
+    def _set_status(self, db: sqlite3.Connection, job_id: int, status: JobStatus,
+                    only_if: Sequence[JobState] | None) -> bool:
+        row = db.execute("SELECT state, submit_time, start_time, end_time FROM jobs WHERE id = ?",
+                         (job_id,)).fetchone()
+        if row is None or (only_if is not None and JobState(row[0]) not in only_if):
+            return False
+        db.execute(
+            "UPDATE jobs SET state = ?, native_state = ?, reason = ?, exit_code = ?, signal = ?,"
+            " start_time = ?, end_time = ?, host = ? WHERE id = ?",
+            (status.state.value, status.native_state, status.reason, status.exit_code,
+             status.signal, status.start_time or row[2], status.end_time or row[3],
+             status.host, job_id),
+        )
+        if row[0] != status.state.value:
+            db.execute("INSERT INTO events (job_id, state, time) VALUES (?, ?, ?)",
+                       (job_id, status.state.value, status.observed))
+        return True
+
+    def set_extra(self, job_id: int, **values: Any) -> None:
+        """Merge backend bookkeeping (pids, paths ...) into a job's ``extra``."""
+        with self.transaction() as db:
+            row = db.execute("SELECT extra FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job {job_id} in {self.path}")
+            extra = {**json.loads(row[0]), **values}
+            db.execute("UPDATE jobs SET extra = ? WHERE id = ?", (json.dumps(extra), job_id))
+
+    def request_cancel(self, ids: Iterable[int]) -> None:
+        """Mark jobs for cancellation; the backend acts on the mark."""
+        with self.transaction() as db:
+            db.executemany("UPDATE jobs SET cancel_requested = 1 WHERE id = ?",
+                           [(i,) for i in ids])
+
+    # --- reading -------------------------------------------------------------------------
+
+    def get(self, ids: Iterable[int]) -> list[JobRecord]:
+        """Records for these ids, in the same order; raises JobNotFoundError for a missing one."""
+        wanted = list(ids)
+        found: dict[int, JobRecord] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._query(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
+                record = _record(row)
+                found[record.job.id] = record
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise JobNotFoundError(f"no job {missing[0]} in the journal {self.path}")
+        return [found[i] for i in wanted]
+
+    def find_native(self, backend: str, native_id: str) -> JobRecord | None:
+        """The record of a backend's native job id, if it was submitted through gridcouple."""
+        rows = self._query(f"SELECT {_COLUMNS} FROM jobs WHERE backend = ? AND native_id = ?",
+                           (backend, native_id))
+        return _record(rows[0]) if rows else None
+
+    def records(self, backend: str | None = None, *, active_only: bool = False,
+                limit: int | None = None) -> list[JobRecord]:
+        """Records newest last; ``active_only`` keeps jobs whose state is not final."""
+        where, params = [], []
+        if backend:
+            where.append("backend = ?")
+            params.append(backend)
+        if active_only:
+            finals = [s.value for s in JobState if s.is_final]
+            where.append(f"state NOT IN ({','.join('?' * len(finals))})")
+            params.extend(finals)
+        sql = f"SELECT {_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id"
+        if limit:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
+        return [_record(row) for row in self._query(sql, params)]
+
+    def last_event(self) -> int:
+        """The newest event's sequence number (0 when there is none)."""
+        return self._query("SELECT COALESCE(MAX(seq), 0) FROM events", ())[0][0]
+
+    def events_since(self, seq: int) -> list[tuple[int, int, JobState, float]]:
+        """Events after ``seq`` as (seq, job id, state, time), oldest first."""
+        rows = self._query("SELECT seq, job_id, state, time FROM events WHERE seq > ? ORDER BY seq",
+                           (seq,))
+        return [(s, j, JobState(st), t) for s, j, st, t in rows]
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+
+def _record(row: tuple[Any, ...]) -> JobRecord:
+    (job_id, backend, native_id, spec, workdir, cancel_requested, extra,
+     state, native_state, reason, exit_code, signal, submit, start, end, host) = row
+    job = Job(id=job_id, backend=backend, native_id=native_id,
+              spec=JobSpec.from_dict(json.loads(spec)))
+    status = JobStatus(state=JobState(state), native_state=native_state, reason=reason,
+                       exit_code=exit_code, signal=signal, submit_time=submit, start_time=start,
+                       end_time=end, host=host)
+    return JobRecord(job=job, status=status, workdir=workdir,
+                     cancel_requested=bool(cancel_requested), extra=json.loads(extra))
