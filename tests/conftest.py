@@ -24,3 +24,19 @@ def state_dir(tmp_path):
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def local_backend(state_dir):
+    """A local backend with 2 slots on a fresh state dir; its jobs and daemon end afterwards."""
+    from gridcouple.backends.local import LocalBackend, LocalOptions
+
+    backend = LocalBackend(LocalOptions(slots=2, grace_period=1.0, idle_exit=5.0),
+                           state_dir=state_dir)
+    yield backend
+    live = [r.job for r in backend.journal.records("local", active_only=True)]
+    if live:
+        backend.cancel(live)
+        backend.wait(live, timeout=15)
+    backend.stop_daemon()
+    backend.close()

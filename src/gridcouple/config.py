@@ -146,7 +146,9 @@ def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Co
     )
 
 
-def validate(options_type: type[T], table: Mapping[str, Any], where: tuple[str, ...], config: Config) -> T:
+def validate(
+    options_type: type[T], table: Mapping[str, Any], where: tuple[str, ...], config: Config
+) -> T:
     """Build ``options_type`` (a dataclass) from a TOML table, checking names and types.
 
     Supported field types: str, int, float, bool, Path, list[X], dict[str, X], X | None,
@@ -202,7 +204,7 @@ def _convert(value: Any, hint: Any, keys: tuple[str, ...], config: Config) -> An
     if hint is Path and isinstance(value, str):
         base = config.path.parent if config.path else Path.cwd()
         return (base / Path(value).expanduser()).resolve()
-    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+    if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
         raise ConfigError(
             f"{config.where(keys)}: expected {_TYPE_NAMES.get(hint, hint.__name__)}, "
             f"got {_kind(value)} {value!r}"
@@ -227,11 +229,12 @@ def _suggest(key: str, known: typing.Iterable[str]) -> str:
 
 
 _TABLE_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+_BARE_OR_QUOTED = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_KEY_RE = re.compile(rf"^\s*({_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*)\s*=")
 
 
 def _split_dotted(text: str) -> tuple[str, ...]:
-    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
+    parts = re.findall(_BARE_OR_QUOTED, text)
     return tuple(p.strip("\"'") for p in parts)
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -173,7 +173,11 @@ class JobStatus:
         elif self.reason:
             text += f" ({self.reason})"
         if self.signal is not None:
-            text += f" [killed by signal {self.signal}]"
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            text += f" [killed by {name}]"
         elif self.exit_code not in (None, 0):
             text += f" [exit code {self.exit_code}]"
         return text
@@ -232,7 +236,7 @@ def parse_duration(text: str | float | int) -> float:
     days, a, b, c = match.groups()
     parts = [int(x) for x in (a, b, c) if x is not None]
     if days is not None:  # D-HH[:MM[:SS]]
-        hours, minutes, seconds = (parts + [0, 0])[:3]
+        hours, minutes, seconds = [*parts, 0, 0][:3]
         return float(int(days) * 86400 + hours * 3600 + minutes * 60 + seconds)
     if len(parts) == 1:  # MM
         return float(parts[0] * 60)
@@ -249,13 +253,3 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(rest, 60)
     clock = f"{hours:02d}:{minutes:02d}:{secs:02d}"
     return f"{days}-{clock}" if days else clock
-
-
-def job_directory(root: Path, job_id: int) -> Path:
-    """The per-job work directory below a backend's state directory."""
-    return root / "jobs" / str(job_id)
-
-
-def final_states(statuses: Sequence[JobStatus]) -> bool:
-    """True when every status is final."""
-    return all(s.state.is_final for s in statuses)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from gridcouple.errors import BackendError, QueryUnavailableError
 from gridcouple.jobs import Job, JobEvent, JobSpec, JobState, JobStatus
-from gridcouple.scheduler.journal import Journal, JobRecord
+from gridcouple.scheduler.journal import JobRecord, Journal
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,11 @@ class Backend(abc.ABC):
 
     def job_home(self, job_id: int) -> Path:
         """Where a job's stdout, stderr and bookkeeping live: ``state_dir/jobs/ID``."""
-        return self.state_dir / "jobs" / str(job_id)
+        return job_home(self.state_dir, job_id)
 
     def output_path(self, job: Job, stream: Literal["stdout", "stderr"]) -> Path:
         """The file a job's stdout or stderr goes to."""
-        chosen = getattr(job.spec, stream)
-        home = self.job_home(job.id)
-        if chosen is None:
-            return home / stream
-        path = Path(chosen)
-        return path if path.is_absolute() else self.working_directory(job.spec, home) / path
+        return output_file(job.spec, self.job_home(job.id), stream)
 
     def read_output(self, job: Job, stream: Literal["stdout", "stderr"] = "stdout",
                     tail: int | None = None) -> str:
@@ -185,15 +180,10 @@ class Backend(abc.ABC):
             return ""
         return "".join(text.splitlines(keepends=True)[-tail:]) if tail else text
 
-    @staticmethod
-    def working_directory(spec: JobSpec, home: Path) -> Path:
-        """Where the job runs: its own ``directory`` or else its home."""
-        return Path(spec.directory).expanduser() if spec.directory else home
-
     def stage_in(self, spec: JobSpec, home: Path) -> None:
         """Create the job's home and copy its input files into its working directory."""
         home.mkdir(parents=True, exist_ok=True)
-        workdir = self.working_directory(spec, home)
+        workdir = working_directory(spec, home)
         for staged in spec.stage_in:
             target = workdir / staged.target
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +196,7 @@ class Backend(abc.ABC):
 
     def fetch(self, job: Job, destination: str | Path) -> list[Path]:
         """Copy the job's stage-out files to ``destination``; returns the copied paths."""
-        workdir = self.working_directory(job.spec, self.job_home(job.id))
+        workdir = working_directory(job.spec, self.job_home(job.id))
         destination = Path(destination)
         copied = []
         for staged in job.spec.stage_out:
@@ -225,6 +215,26 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def job_home(state_dir: Path, job_id: int) -> Path:
+    """A job's home below a state directory: ``state_dir/jobs/ID``."""
+    return Path(state_dir) / "jobs" / str(job_id)
+
+
+def working_directory(spec: JobSpec, home: Path) -> Path:
+    """Where a job runs: its own ``directory`` or else its home."""
+    return Path(spec.directory).expanduser() if spec.directory else home
+
+
+def output_file(spec: JobSpec, home: Path, stream: Literal["stdout", "stderr"]) -> Path:
+    """The file a job's stdout or stderr goes to: as the spec says (relative paths from its
+    working directory), else ``home/stdout`` and ``home/stderr``."""
+    chosen = getattr(spec, stream)
+    if chosen is None:
+        return home / stream
+    path = Path(chosen)
+    return path if path.is_absolute() else working_directory(spec, home) / path
 
 
 def _differs(old: JobStatus, new: JobStatus) -> bool:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from gridcouple.config import Config, load_config
 from gridcouple.errors import GridcoupleError
 
 app = typer.Typer(
@@ -26,3 +30,21 @@ def main() -> None:
     except GridcoupleError as exc:
         print(f"gridcouple: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="gridcouple.toml to use (else $GRIDCOUPLE_CONFIG, "
+                 "else ./gridcouple.toml, else defaults).", show_default=False),
+]
+BackendOption = Annotated[
+    str | None,
+    typer.Option("--backend", "-b", help="Backend name; overrides [backend] name and "
+                 "$GRIDCOUPLE_BACKEND.", show_default=False),
+]
+
+
+def open_config(config_path: Path | None, backend: str | None = None) -> Config:
+    """Load the configuration the way every command does; ``backend`` overrides its choice."""
+    config = load_config(config_path)
+    return dataclasses.replace(config, backend=backend) if backend else config

@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +76,7 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._specs: dict[int, JobSpec] = {}  # specs never change once recorded
         self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -163,14 +164,15 @@ class Journal:
                        (job_id, status.state.value, status.observed))
         return True
 
-    def set_extra(self, job_id: int, **values: Any) -> None:
-        """Merge backend bookkeeping (pids, paths ...) into a job's ``extra``."""
+    def set_extra(self, values: Mapping[int, Mapping[str, Any]]) -> None:
+        """Merge backend bookkeeping (pids, paths ...) into jobs' ``extra``, in one transaction."""
         with self.transaction() as db:
-            row = db.execute("SELECT extra FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"no job {job_id} in {self.path}")
-            extra = {**json.loads(row[0]), **values}
-            db.execute("UPDATE jobs SET extra = ? WHERE id = ?", (json.dumps(extra), job_id))
+            for job_id, more in values.items():
+                row = db.execute("SELECT extra FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise JobNotFoundError(f"no job {job_id} in {self.path}")
+                extra = {**json.loads(row[0]), **more}
+                db.execute("UPDATE jobs SET extra = ? WHERE id = ?", (json.dumps(extra), job_id))
 
     def request_cancel(self, ids: Iterable[int]) -> None:
         """Mark jobs for cancellation; the backend acts on the mark."""
@@ -188,7 +190,7 @@ class Journal:
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for row in self._query(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk):
-                record = _record(row)
+                record = self._record(row)
                 found[record.job.id] = record
         missing = [i for i in wanted if i not in found]
         if missing:
@@ -199,7 +201,7 @@ class Journal:
         """The record of a backend's native job id, if it was submitted through gridcouple."""
         rows = self._query(f"SELECT {_COLUMNS} FROM jobs WHERE backend = ? AND native_id = ?",
                            (backend, native_id))
-        return _record(rows[0]) if rows else None
+        return self._record(rows[0]) if rows else None
 
     def records(self, backend: str | None = None, *, active_only: bool = False,
                 limit: int | None = None) -> list[JobRecord]:
@@ -218,7 +220,16 @@ class Journal:
         sql += " ORDER BY id"
         if limit:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
-        return [_record(row) for row in self._query(sql, params)]
+        return [self._record(row) for row in self._query(sql, params)]
+
+    def live_states(self, backend: str) -> list[tuple[int, JobState, bool]]:
+        """(id, state, cancel requested) of a backend's jobs not yet final, oldest first; a
+        cheap query for daemons that keep the specs they already know."""
+        finals = [s.value for s in JobState if s.is_final]
+        rows = self._query(
+            f"SELECT id, state, cancel_requested FROM jobs WHERE backend = ? AND state NOT IN "
+            f"({','.join('?' * len(finals))}) ORDER BY id", (backend, *finals))
+        return [(i, JobState(state), bool(cancel)) for i, state, cancel in rows]
 
     def last_event(self) -> int:
         """The newest event's sequence number (0 when there is none)."""
@@ -230,18 +241,21 @@ class Journal:
                            (seq,))
         return [(s, j, JobState(st), t) for s, j, st, t in rows]
 
+    def _record(self, row: tuple[Any, ...]) -> JobRecord:
+        (job_id, backend, native_id, spec_json, workdir, cancel_requested, extra,
+         state, native_state, reason, exit_code, signal, submit, start, end, host) = row
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = self._specs[job_id] = JobSpec.from_dict(json.loads(spec_json))
+        status = JobStatus(state=JobState(state), native_state=native_state, reason=reason,
+                           exit_code=exit_code, signal=signal, submit_time=submit,
+                           start_time=start, end_time=end, host=host)
+        return JobRecord(job=Job(id=job_id, backend=backend, native_id=native_id, spec=spec),
+                         status=status, workdir=workdir, cancel_requested=bool(cancel_requested),
+                         extra=json.loads(extra))
+
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
 
-def _record(row: tuple[Any, ...]) -> JobRecord:
-    (job_id, backend, native_id, spec, workdir, cancel_requested, extra,
-     state, native_state, reason, exit_code, signal, submit, start, end, host) = row
-    job = Job(id=job_id, backend=backend, native_id=native_id,
-              spec=JobSpec.from_dict(json.loads(spec)))
-    status = JobStatus(state=JobState(state), native_state=native_state, reason=reason,
-                       exit_code=exit_code, signal=signal, submit_time=submit, start_time=start,
-                       end_time=end, host=host)
-    return JobRecord(job=job, status=status, workdir=workdir,
-                     cancel_requested=bool(cancel_requested), extra=json.loads(extra))

@@ -1,0 +1,167 @@
+"""The local backend: jobs are processes on this machine, queued behind a slot limit.
+
+Like a small batch system, it has a daemon (one per state directory, started on demand, gone
+when idle) that owns the queue: it starts jobs in the order the scheduling policy chooses,
+reaps them, enforces walltimes and acts on cancellations. Clients (this class, ``gridcouple``
+in another shell, the coupler after a crash) talk to it through the journal and wake it over
+a local socket. Jobs therefore outlive the process that submitted them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gridcouple.backends.base import Backend, Backoff
+from gridcouple.errors import BackendError
+from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
+from gridcouple.scheduler.journal import JobRecord
+
+WAITING = (JobState.NEW, JobState.QUEUED, JobState.HELD)
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """``[backend.local]`` options."""
+
+    slots: int = 0  # processors jobs may use at once; 0 = this machine's CPU count
+    policy: str = "fcfs"  # a name from scheduler.policies or package.module:Class
+    grace_period: float = 5.0  # seconds between SIGTERM and SIGKILL on cancel and timeout
+    idle_exit: float = 30.0  # the daemon exits after this long with no job queued or running
+
+    def __post_init__(self) -> None:
+        if self.slots < 0:
+            raise ValueError(f"slots must be 0 (all CPUs) or more, got {self.slots}")
+        if self.grace_period < 0 or self.idle_exit < 0:
+            raise ValueError("grace_period and idle_exit must not be negative")
+
+    @property
+    def capacity(self) -> int:
+        """The slot limit in processors."""
+        return self.slots or os.cpu_count() or 1
+
+
+def daemon_address(state_dir: Path) -> str:
+    """The daemon's socket: in Linux's abstract namespace (no path-length limit, no file left
+    behind), named after the state directory. The daemon checks each peer's uid."""
+    return "\0gridcouple-local:" + str(Path(state_dir).resolve())
+
+
+class LocalBackend(Backend):
+    """Processes on this machine behind a slot-limited queue (see the module docstring)."""
+
+    name = "local"
+    Options = LocalOptions
+    backoff = Backoff(first=0.01, most=0.25)
+
+    def __init__(self, options: LocalOptions | None = None, **kwargs) -> None:
+        super().__init__(options or LocalOptions(), **kwargs)
+        self._daemon_checked = 0.0
+
+    def submit(self, specs: Sequence[JobSpec]) -> list[Job]:
+        """Record the jobs, stage their inputs, queue them and wake the daemon."""
+        capacity = self.options.capacity
+        for spec in specs:
+            if spec.resources.cpus > capacity:
+                raise BackendError(f"job {spec.name} asks for {spec.resources.cpus} cpus; the "
+                                   f"local backend has {capacity} slots ([backend.local] slots)")
+            if spec.resources.nodes > 1:
+                raise BackendError(f"job {spec.name} asks for {spec.resources.nodes} nodes; the "
+                                   "local backend has one")
+        ids = self.journal.add(self.name, specs)
+        environment = json.dumps(dict(os.environ))
+        homes = {}
+        try:
+            for job_id, spec in zip(ids, specs, strict=True):
+                home = homes[job_id] = self.job_home(job_id)
+                self.stage_in(spec, home)
+                env_file = home / "environment.json"
+                env_file.touch(mode=0o600)
+                env_file.write_text(environment)
+        except BackendError as exc:
+            self.journal.update([(i, JobStatus(JobState.FAILED, reason=f"not submitted: {exc}",
+                                               end_time=time.time())) for i in ids])
+            raise
+        self.journal.set_native_ids(((i, str(i)) for i in ids), state=JobState.QUEUED,
+                                    workdirs={i: str(h) for i, h in homes.items()})
+        self.wake_daemon()
+        return [Job(id=i, backend=self.name, native_id=str(i), spec=s)
+                for i, s in zip(ids, specs, strict=True)]
+
+    def query(self, records: Sequence[JobRecord]) -> dict[int, JobStatus]:
+        """The daemon keeps the journal current, so the records are the answer; a daemon that
+        died while jobs were not final is started again (it adopts running jobs)."""
+        now = time.monotonic()
+        if now - self._daemon_checked > 1.0:
+            self._daemon_checked = now
+            if not self._send({"op": "ping"}):
+                self.wake_daemon()
+        return {r.job.id: r.status for r in records}
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """Waiting jobs end at once; running ones get SIGTERM, then SIGKILL after the grace
+        period, to their whole process group."""
+        now = time.time()
+        ids = [job.id for job in jobs]
+        ended = self.journal.update(
+            [(i, JobStatus(JobState.CANCELED, reason="canceled before it started", end_time=now))
+             for i in ids], only_if=WAITING)
+        running = [i for i in ids if i not in set(ended)]
+        if running:
+            self.journal.request_cancel(running)
+            self.wake_daemon()
+
+    def hold(self, jobs: Sequence[Job]) -> None:
+        """Keep queued jobs from starting (running jobs are not affected)."""
+        self.journal.update([(j.id, JobStatus(JobState.HELD, reason="held by user"))
+                             for j in jobs], only_if=[JobState.QUEUED])
+
+    def release(self, jobs: Sequence[Job]) -> None:
+        """Let held jobs start again."""
+        self.journal.update([(j.id, JobStatus(JobState.QUEUED)) for j in jobs],
+                            only_if=[JobState.HELD])
+        self.wake_daemon()
+
+    def stop_daemon(self) -> bool:
+        """Ask the daemon to exit now; running jobs go on and the next daemon adopts them."""
+        return self._send({"op": "shutdown"})
+
+    def wake_daemon(self, timeout: float = 10.0) -> None:
+        """Tell the daemon to look at the journal, starting it when none is running."""
+        message = {"op": "wake", "options": asdict(self.options)}
+        if self._send(message):
+            return
+        log = self.state_dir / "local-daemon.log"
+        with open(log, "ab") as out:
+            subprocess.Popen(
+                [sys.executable, "-m", "gridcouple.backends.local.daemon", str(self.state_dir),
+                 json.dumps(asdict(self.options))],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                close_fds=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._send(message):
+                return
+            time.sleep(0.02)
+        raise BackendError(f"the local daemon for {self.state_dir} did not start within "
+                           f"{timeout:.0f} s; see {log}")
+
+    def _send(self, message: dict) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5.0)
+            try:
+                sock.connect(daemon_address(self.state_dir))
+                sock.sendall(json.dumps(message).encode() + b"\n")
+            except (ConnectionRefusedError, FileNotFoundError):
+                return False
+            except OSError as exc:
+                raise BackendError(f"cannot reach the local daemon: {exc}") from exc
+        return True

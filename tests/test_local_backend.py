@@ -1,0 +1,330 @@
+"""The local backend with real processes: its daemon, queue, signals, walltimes and journal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gridcouple.backends.local import LocalBackend, LocalOptions
+from gridcouple.errors import BackendError
+from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
+
+PY = sys.executable
+
+
+def sh(script: str, **kwargs) -> JobSpec:
+    return JobSpec(argv=("sh", "-c", script), **kwargs)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in state
+
+
+def wait_for_file(path: Path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not appear within {timeout} s")
+
+
+def test_complete_and_fail_with_exit_codes_and_output(local_backend):
+    jobs = local_backend.submit([
+        sh("echo out; echo err >&2"),
+        sh("echo partial; exit 3"),
+    ])
+    done, failed = local_backend.wait(jobs, timeout=30)
+    assert done.state is JobState.COMPLETED and done.exit_code == 0
+    assert failed.state is JobState.FAILED and failed.exit_code == 3
+    assert local_backend.read_output(jobs[0]) == "out\n"
+    assert local_backend.read_output(jobs[0], "stderr") == "err\n"
+    assert local_backend.read_output(jobs[1]) == "partial\n"
+    assert done.start_time and done.end_time and done.start_time <= done.end_time
+    assert done.host
+
+
+def test_killed_by_signal_is_failed_with_the_signal(local_backend):
+    [job] = local_backend.submit([sh("kill -9 $$")])
+    [status] = local_backend.wait([job], timeout=30)
+    assert status.state is JobState.FAILED
+    assert status.signal == signal.SIGKILL and status.exit_code is None
+    assert "SIGKILL" in status.describe()
+
+
+def test_command_that_does_not_exist_fails_with_127(local_backend):
+    [job] = local_backend.submit([JobSpec(argv=("no-such-command-gridcouple",))])
+    [status] = local_backend.wait([job], timeout=30)
+    assert status.state is JobState.FAILED and status.exit_code == 127
+    assert "no-such-command-gridcouple" in local_backend.read_output(job, "stderr")
+
+
+def test_environment_directory_and_script(local_backend, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    [job] = local_backend.submit([JobSpec(
+        script="#!/bin/sh\necho \"$GREETING from $(pwd) as job $GRIDCOUPLE_JOB_ID\"\n",
+        environment={"GREETING": "hello"}, directory=str(workdir), name="env-test")])
+    [status] = local_backend.wait([job], timeout=30)
+    assert status.state is JobState.COMPLETED
+    assert local_backend.read_output(job) == f"hello from {workdir} as job {job.id}\n"
+
+
+def test_cancel_running_kills_the_whole_process_group(local_backend, tmp_path):
+    child_pid_file = tmp_path / "child.pid"
+    [job] = local_backend.submit([sh(f"sleep 300 & echo $! > {child_pid_file}; wait")])
+    child = int(wait_for_file(child_pid_file))
+    assert pid_alive(child)
+    local_backend.cancel([job])
+    [status] = local_backend.wait([job], timeout=15)
+    assert status.state is JobState.CANCELED
+    deadline = time.monotonic() + 5
+    while pid_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(child), "the job's child outlived the cancel"
+
+
+def test_cancel_escalates_to_sigkill_after_grace(local_backend, tmp_path):
+    ready = tmp_path / "ready"
+    stubborn = f"trap '' TERM; echo up > {ready}; while :; do sleep 0.1; done"
+    [job] = local_backend.submit([sh(stubborn)])
+    wait_for_file(ready)
+    started = time.monotonic()
+    local_backend.cancel([job])
+    [status] = local_backend.wait([job], timeout=15)
+    assert status.state is JobState.CANCELED
+    assert status.signal == signal.SIGKILL
+    assert 0.8 <= time.monotonic() - started < 10  # grace_period is 1 s
+
+
+def test_cancel_queued_job_never_starts(local_backend, tmp_path):
+    marker = tmp_path / "ran"
+    blockers = local_backend.submit([sh("sleep 30"), sh("sleep 30")])
+    [queued] = local_backend.submit([sh(f"touch {marker}")])
+    assert local_backend.status([queued])[0].state is JobState.QUEUED
+    local_backend.cancel([queued])
+    assert local_backend.status([queued])[0].state is JobState.CANCELED
+    local_backend.cancel(blockers)
+    local_backend.wait(blockers, timeout=15)
+    time.sleep(0.3)
+    assert not marker.exists()
+
+
+def test_walltime_gives_timeout(local_backend):
+    [job] = local_backend.submit([sh("sleep 60", resources=Resources(walltime=1))])
+    started = time.monotonic()
+    [status] = local_backend.wait([job], timeout=20)
+    assert status.state is JobState.TIMEOUT
+    assert "walltime" in status.reason
+    assert 0.9 <= time.monotonic() - started < 8
+
+
+def test_hold_and_release(local_backend, tmp_path):
+    marker = tmp_path / "ran"
+    blockers = local_backend.submit([sh("sleep 30"), sh("sleep 30")])
+    [job] = local_backend.submit([sh(f"touch {marker}")])
+    local_backend.hold([job])
+    local_backend.cancel(blockers)
+    local_backend.wait(blockers, timeout=15)
+    time.sleep(0.5)
+    assert local_backend.status([job])[0].state is JobState.HELD
+    assert not marker.exists()
+    local_backend.release([job])
+    [status] = local_backend.wait([job], timeout=15)
+    assert status.state is JobState.COMPLETED and marker.exists()
+
+
+def test_stage_in_and_fetch_outputs(local_backend, tmp_path):
+    source = tmp_path / "input.txt"
+    source.write_text("3 4\n")
+    [job] = local_backend.submit([JobSpec(
+        argv=(PY, "-c", "a, b = map(int, open('in/data.txt').read().split());"
+                        "open('sum.txt', 'w').write(str(a + b))"),
+        stage_in=(StagedFile(str(source), "in/data.txt"),),
+        stage_out=(StagedFile("sum.txt", "results/sum.txt"),))])
+    [status] = local_backend.wait([job], timeout=30)
+    assert status.state is JobState.COMPLETED, local_backend.read_output(job, "stderr")
+    [copied] = local_backend.fetch(job, tmp_path / "out")
+    assert copied == tmp_path / "out" / "results" / "sum.txt"
+    assert copied.read_text() == "7"
+
+
+def test_missing_stage_in_file_is_a_clear_error_and_nothing_runs(local_backend, tmp_path):
+    with pytest.raises(BackendError, match="cannot stage in .*missing.txt"):
+        local_backend.submit([sh("true"), JobSpec(
+            argv=("true",), stage_in=(StagedFile(str(tmp_path / "missing.txt"), "x"),))])
+    records = local_backend.journal.records("local")
+    assert [r.status.state for r in records] == [JobState.FAILED, JobState.FAILED]
+
+
+def test_too_many_cpus_is_refused(local_backend):
+    with pytest.raises(BackendError, match="asks for 3 cpus.*2 slots"):
+        local_backend.submit([sh("true", resources=Resources(cpus=3))])
+
+
+def test_thousand_jobs_through_two_slots(local_backend):
+    jobs = local_backend.submit([JobSpec(argv=("true",), name=f"t{i}") for i in range(1000)])
+    daemon_pid = _daemon_pid(local_backend)
+    threads = int(_proc_field(daemon_pid, "Threads"))
+    statuses = local_backend.wait(jobs, timeout=240)
+    assert threads == 1, "the daemon must not use a thread per job"
+    assert all(s.state is JobState.COMPLETED for s in statuses)
+    intervals = sorted((s.start_time, s.end_time) for s in statuses)
+    assert _max_overlap(intervals) <= 2
+    # FCFS: jobs start in submit order
+    starts = [s.start_time for s in statuses]
+    assert starts == sorted(starts)
+
+
+def test_two_cpu_job_takes_both_slots(local_backend):
+    jobs = local_backend.submit([
+        sh("sleep 0.3", resources=Resources(cpus=2)),
+        sh("sleep 0.3"), sh("sleep 0.3"),
+    ])
+    wide, a, b = local_backend.wait(jobs, timeout=30)
+    assert wide.end_time <= a.start_time and wide.end_time <= b.start_time
+    assert abs(a.start_time - b.start_time) < 0.2  # both narrow jobs share the two slots
+
+
+def test_user_policy_orders_the_live_queue(state_dir, tmp_path, monkeypatch):
+    module = tmp_path / "policy_lifo.py"
+    module.write_text(textwrap.dedent("""
+        from gridcouple.scheduler.policies import Policy
+
+        class LastComeFirstServed(Policy):
+            name = "lifo"
+
+            def select(self, now, waiting, running, capacity):
+                free = capacity - sum(j.procs for j in running)
+                chosen = []
+                for job in reversed(list(waiting)):
+                    if job.procs <= free:
+                        chosen.append(job)
+                        free -= job.procs
+                return chosen
+    """))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    backend = LocalBackend(LocalOptions(slots=1, policy="policy_lifo:LastComeFirstServed",
+                                        idle_exit=5), state_dir=state_dir)
+    try:
+        blocker = backend.submit([sh("sleep 0.5")])
+        queued = backend.submit([sh("true", name=f"q{i}") for i in range(4)])
+        statuses = backend.wait(blocker + queued, timeout=30)
+        starts = [s.start_time for s in statuses[1:]]
+        assert starts == sorted(starts, reverse=True), "newest queued job must start first"
+    finally:
+        backend.stop_daemon()
+        backend.close()
+
+
+def test_status_and_reattach_from_another_process(local_backend, state_dir):
+    [job] = local_backend.submit([sh("sleep 1; echo finished")])
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from gridcouple.backends.local import LocalBackend
+        backend = LocalBackend(state_dir=Path({str(state_dir)!r}))
+        job = backend.reattach({job.native_id!r})
+        [status] = backend.wait([job], timeout=30)
+        print(status.state.value, backend.read_output(job).strip())
+    """)
+    result = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["completed", "finished"], result.stderr
+
+
+def test_jobs_survive_a_sigkilled_client_and_every_run_has_a_record(state_dir, tmp_path):
+    """SIGKILL the submitting process mid-way through 100 submissions."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from gridcouple.backends.local import LocalBackend, LocalOptions
+        from gridcouple.jobs import JobSpec
+        backend = LocalBackend(LocalOptions(slots=2, idle_exit=5),
+                               state_dir=Path({str(state_dir)!r}))
+        for i in range(100):
+            backend.submit([JobSpec(argv=("sh", "-c", "touch {marks}/" + str(i)), name=f"s{{i}}")])
+            print(i, flush=True)
+    """)
+    client = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    for line in client.stdout:
+        if int(line) >= 30:
+            break
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    backend = LocalBackend(state_dir=state_dir)
+    try:
+        records = backend.journal.records("local")
+        assert 30 <= len(records) <= 100
+        statuses = backend.wait([r.job for r in records if r.status.state is not JobState.NEW],
+                                timeout=60)
+        assert all(s.state is JobState.COMPLETED for s in statuses)
+        recorded = {r.job.spec.name for r in records}
+        ran = {f"s{p.name}" for p in marks.iterdir()}
+        assert ran <= recorded, f"jobs ran without a record: {sorted(ran - recorded)}"
+        assert len(ran) == len(statuses)
+    finally:
+        backend.stop_daemon()
+        backend.close()
+
+
+def test_a_new_daemon_adopts_running_jobs(local_backend, tmp_path):
+    ready = tmp_path / "ready"
+    [job] = local_backend.submit([sh(f"echo up > {ready}; sleep 300")])
+    wait_for_file(ready)
+    old = _daemon_pid(local_backend)
+    os.kill(old, signal.SIGKILL)
+    while pid_alive(old):
+        time.sleep(0.02)
+    # The next client call notices the daemon is gone and starts one, which adopts the job.
+    local_backend._daemon_checked = 0.0
+    assert local_backend.status([job])[0].state is JobState.ACTIVE
+    new = _daemon_pid(local_backend)
+    assert new != old
+    local_backend.cancel([job])
+    [status] = local_backend.wait([job], timeout=15)
+    assert status.state is JobState.CANCELED
+
+
+def _daemon_pid(backend: LocalBackend) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"gridcouple.backends.local.daemon" in cmdline and \
+                    str(backend.state_dir).encode() in cmdline:
+                return int(proc.name)
+        time.sleep(0.05)
+    raise AssertionError("no local daemon is running")
+
+
+def _proc_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    raise KeyError(name)
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = current = 0
+    for _, delta in points:
+        current += delta
+        best = max(best, current)
+    return best
