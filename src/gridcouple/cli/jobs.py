@@ -141,7 +141,10 @@ def submit(
         for job in jobs:
             say(f"Submitted job {job.id} ({job.backend} {job.native_id})")
         if wait:
-            raise typer.Exit(exit_code_for(chosen.wait(jobs)))
+            statuses = chosen.wait(jobs)
+            for job, job_status in zip(jobs, statuses, strict=True):
+                say(f"job {job.id}: {job_status.describe()}")
+            raise typer.Exit(exit_code_for(statuses))
     finally:
         session.close()
 

@@ -1,0 +1,156 @@
+"""Every configuration error names the file, the key and the line."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from gridcouple.backends import check_config, open_backend
+from gridcouple.backends.local import LocalBackend
+from gridcouple.config import load_config
+from gridcouple.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "gridcouple.toml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def test_defaults_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GRIDCOUPLE_CONFIG", raising=False)
+    monkeypatch.delenv("GRIDCOUPLE_BACKEND", raising=False)
+    config = load_config()
+    assert config.path is None
+    assert config.backend == "local"
+    assert config.state_dir == tmp_path / ".gridcouple"
+
+
+def test_a_full_file_is_read_and_paths_are_relative_to_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRIDCOUPLE_BACKEND", raising=False)
+    path = write(tmp_path, """
+        state_dir = "state"
+        [backend]
+        name = "local"
+        [backend.local]
+        slots = 3
+        policy = "fcfs"
+        grace_period = 2
+        [coupler]
+        host = "127.0.0.1"
+    """)
+    monkeypatch.chdir("/")
+    config = load_config(path)
+    assert config.state_dir == tmp_path / "state"
+    backend = open_backend(config)
+    try:
+        assert isinstance(backend, LocalBackend)
+        assert backend.options.slots == 3 and backend.options.grace_period == 2.0
+    finally:
+        backend.close()
+    assert check_config(config) == ["local"]
+
+
+def test_environment_chooses_file_and_backend(tmp_path, monkeypatch):
+    path = write(tmp_path, """
+        [backend]
+        name = "local"
+    """)
+    monkeypatch.setenv("GRIDCOUPLE_CONFIG", str(path))
+    monkeypatch.setenv("GRIDCOUPLE_BACKEND", "nosuch")
+    config = load_config()
+    assert config.path == path and config.backend == "nosuch"
+    with pytest.raises(ConfigError, match="backend 'nosuch' is not installed; installed: .*local"):
+        check_config(config)
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, """
+        [backend]
+        name = "local"
+
+        [backend.local]
+        slots = 2
+        polcy = "fcfs"
+    """)
+    with pytest.raises(ConfigError) as info:
+        check_config(load_config(path))
+    message = str(info.value)
+    assert f"{path}:6: [backend.local] polcy" in message
+    assert "did you mean 'policy'" in message
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = write(tmp_path, """
+        state_dir = "s"
+        colour = "blue"
+    """)
+    with pytest.raises(ConfigError, match=rf"{path}:2: colour: unknown key 'colour'"):
+        load_config(path)
+
+
+def test_wrong_type_names_expected_and_got(tmp_path):
+    path = write(tmp_path, """
+        [backend.local]
+        slots = "two"
+    """)
+    with pytest.raises(ConfigError) as info:
+        check_config(load_config(path))
+    assert str(info.value) == (
+        f"{path}:2: [backend.local] slots: expected an integer, got a string 'two'")
+
+
+def test_bool_is_not_an_integer(tmp_path):
+    path = write(tmp_path, """
+        [coupler]
+        port = true
+    """)
+    with pytest.raises(ConfigError, match=rf"{path}:2: \[coupler\] port: expected an integer"):
+        load_config(path)
+
+
+def test_bad_value_names_the_table(tmp_path):
+    path = write(tmp_path, """
+        [backend]
+        name = "local"
+        [backend.local]
+        slots = -1
+    """)
+    with pytest.raises(ConfigError, match=rf"{path}:3: \[backend.local\]: slots must be 0"):
+        check_config(load_config(path))
+
+
+def test_backend_not_installed_names_the_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRIDCOUPLE_BACKEND", raising=False)
+    path = write(tmp_path, """
+        # a comment
+        [backend]
+        name = "pbs"
+    """)
+    with pytest.raises(ConfigError, match=rf"{path}:3: \[backend\] name: backend 'pbs' is not"):
+        open_backend(load_config(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path}/nope.toml does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_names_file_and_line(tmp_path):
+    path = write(tmp_path, """
+        [backend]
+        name = "local
+    """)
+    with pytest.raises(ConfigError, match=rf"{path}: not valid TOML: .*line 2"):
+        load_config(path)
+
+
+def test_unknown_policy_is_refused_clearly(tmp_path):
+    from gridcouple.scheduler.policies import make_policy
+
+    with pytest.raises(ConfigError, match="unknown policy 'fifo'; known: .*fcfs"):
+        make_policy("fifo")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        make_policy("no_such_module_gc:Policy")
