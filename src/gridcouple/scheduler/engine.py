@@ -1,0 +1,391 @@
+"""A discrete-event engine in simulated time: jobs arrive, a policy starts them, they end.
+
+Nothing runs: a job's run time is a number (its ``work``: seconds on a speed-1 worker, or what
+a cost function says for the workers it gets). The machine is P identical processors, or
+workers with a speed factor and an availability trace (intervals in which a worker runs at a
+fraction of its speed, as PyMW's SimWorker; 0 pauses it). A job holds ``procs`` workers; on
+workers of different speeds it runs at the pace of its slowest one.
+
+At each moment the engine first ends the jobs due, then queues the jobs that arrive, then asks
+the policy once. Built-in policies are called through their fast :meth:`QueuePolicy.pick` path
+on containers kept up to date here; any other :class:`Policy` is called through ``select``.
+
+A job that runs longer than its estimate is killed at the estimate with ``kill_at_estimate``
+(what a batch system does at the walltime) or else runs to its end (what a trace records).
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gridcouple.errors import GridcoupleError
+from gridcouple.scheduler.policies import (
+    INFINITY,
+    Policy,
+    QueuePolicy,
+    RunningJob,
+    WaitingJob,
+    expected_end,
+)
+
+
+class SimulationError(GridcoupleError):
+    """The simulation cannot go on (a job that never fits, a policy that overfills)."""
+
+
+class SimState(enum.IntEnum):
+    """Where a simulated job is."""
+
+    PENDING = 0  # its submit time is still ahead
+    WAITING = 1
+    RUNNING = 2
+    COMPLETED = 3
+    KILLED = 4  # reached its estimate with kill_at_estimate
+    CANCELED = 5
+
+    @property
+    def is_final(self) -> bool:
+        """True once the job has ended."""
+        return self >= SimState.COMPLETED
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """A worker: ``speed`` relative to 1, and ``availability`` intervals ``(start, end,
+    fraction)`` during which it runs at ``fraction`` of its speed (1 outside them)."""
+
+    name: str
+    speed: float = 1.0
+    availability: tuple[tuple[float, float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.speed <= 0:
+            raise ValueError(f"worker {self.name}: speed must be positive, got {self.speed}")
+        for start, end, fraction in self.availability:
+            if not (end > start and 0 <= fraction <= 1):
+                raise ValueError(f"worker {self.name}: availability ({start}, {end}, {fraction})"
+                                 " needs end > start and a fraction in [0, 1]")
+
+    def fraction(self, time: float) -> float:
+        """The share of its speed the worker has at ``time``."""
+        for start, end, fraction in self.availability:
+            if start <= time < end:
+                return fraction
+        return 1.0
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What jobs run on: identical processors, or workers of their own speed."""
+
+    workers: tuple[Worker, ...]
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise ValueError("a machine needs at least one worker")
+
+    @classmethod
+    def processors(cls, count: int) -> Machine:
+        """``count`` identical processors, always available."""
+        if count < 1:
+            raise ValueError(f"a machine needs at least one processor, got {count}")
+        return cls(tuple(Worker(f"p{i}") for i in range(count)))
+
+    @property
+    def capacity(self) -> int:
+        """The number of processors (workers)."""
+        return len(self.workers)
+
+    @property
+    def uniform(self) -> bool:
+        """True when every worker has speed 1 and no availability trace."""
+        return all(w.speed == 1.0 and not w.availability for w in self.workers)
+
+
+#: ``duration(job, worker)``: seconds the job needs on that worker at full availability.
+CostFunction = Callable[["SimJob", Worker], float]
+
+
+@dataclass(slots=True)
+class SimJob:
+    """A job as the engine sees it. ``estimate`` is INFINITY when unknown; ``payload`` is the
+    caller's (a JobSpec, a trace line number ...)."""
+
+    submit: float
+    procs: int
+    estimate: float
+    work: float
+    payload: Any = None
+
+
+@dataclass
+class Simulator:
+    """Simulated time over one machine and one policy. Add jobs with :meth:`submit`, move time
+    with :meth:`step` or :meth:`run`; results are in ``start``, ``end`` and ``state``."""
+
+    machine: Machine
+    policy: Policy
+    kill_at_estimate: bool = False
+    duration: CostFunction | None = None
+    now: float = 0.0
+    jobs: list[SimJob] = field(default_factory=list)
+    start: list[float] = field(default_factory=list)
+    end: list[float] = field(default_factory=list)
+    state: list[SimState] = field(default_factory=list)
+    placement: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.capacity = self.machine.capacity
+        self.free = self.capacity
+        self._fast = isinstance(self.policy, QueuePolicy)
+        self._by_estimate = self._fast and self.policy.by_estimate  # type: ignore[attr-defined]
+        self._uniform = self.machine.uniform and self.duration is None
+        self._procs: list[int] = []
+        self._estimate: list[float] = []
+        self._arrivals: list[tuple[float, int]] = []  # sorted by time, consumed from _next
+        self._next = 0
+        self._due: list[tuple[float, int]] = []  # heap of (end, job) for running jobs
+        self._queue: list[int] = []  # waiting jobs in the policy's order (fast path)
+        self._ends: list[tuple[float, int]] = []  # expected ends of running jobs, sorted
+        self._known = 0  # queued jobs refused with the current running set
+        self._waiting: dict[int, WaitingJob] = {}  # select() path
+        self._running: dict[int, RunningJob] = {}
+        self._idle = list(range(self.capacity))  # worker indices, fastest first
+        speed = [w.speed for w in self.machine.workers]
+        self._idle.sort(key=lambda i: -speed[i])
+
+    # --- input --------------------------------------------------------------------------
+
+    def submit(self, job: SimJob) -> int:
+        """Add a job (its submit time must not be in the past); returns its number."""
+        return self.add([job])[0]
+
+    def add(self, jobs: Sequence[SimJob]) -> range:
+        """Add many jobs at once (faster than one by one); returns their numbers."""
+        for job in jobs:
+            if job.submit < self.now:
+                raise SimulationError(f"job submitted at {job.submit}, but the clock is at "
+                                      f"{self.now}")
+            if not 1 <= job.procs <= self.capacity:
+                raise SimulationError(f"a job of {job.procs} processors never fits a machine "
+                                      f"of {self.capacity}")
+        first = len(self.jobs)
+        numbers = range(first, first + len(jobs))
+        self.jobs.extend(jobs)
+        self._procs.extend(job.procs for job in jobs)
+        self._estimate.extend(job.estimate for job in jobs)
+        self.start.extend([math.nan] * len(jobs))
+        self.end.extend([math.nan] * len(jobs))
+        self.state.extend([SimState.PENDING] * len(jobs))
+        arrivals = self._arrivals
+        new = [(job.submit, number) for job, number in zip(jobs, numbers, strict=True)]
+        after_pending = self._next == len(arrivals) or not new or arrivals[-1] <= new[0]
+        if after_pending and all(a <= b for a, b in itertools.pairwise(new)):
+            arrivals.extend(new)
+        else:
+            waiting = sorted(arrivals[self._next:] + new)
+            del arrivals[self._next:]
+            arrivals.extend(waiting)
+        return numbers
+
+    def cancel(self, number: int) -> None:
+        """End a job now: it leaves the queue, or stops running."""
+        state = self.state[number]
+        if state.is_final:
+            return
+        if state == SimState.PENDING:
+            self._arrivals.remove((self.jobs[number].submit, number))
+        elif state == SimState.WAITING:
+            if self._fast:
+                self._queue.remove(number)
+            else:
+                del self._waiting[number]
+            self._known = 0
+        else:
+            self._release(number)
+            self._due.remove((self.end[number], number))
+            heapq.heapify(self._due)
+        self.end[number] = self.now
+        self.state[number] = SimState.CANCELED
+
+    # --- time ---------------------------------------------------------------------------
+
+    def next_event(self) -> float:
+        """When something happens next (INFINITY: nothing will)."""
+        arrival = self._arrivals[self._next][0] if self._next < len(self._arrivals) else INFINITY
+        due = self._due[0][0] if self._due else INFINITY
+        return min(arrival, due)
+
+    def step(self) -> bool:
+        """Handle the next moment at which something happens; False when nothing is left."""
+        return self._advance(INFINITY, 1) > 0
+
+    def run(self, until: float = INFINITY) -> None:
+        """Handle every moment up to ``until`` (all of them by default); the clock ends there."""
+        self._advance(until, None)
+        if until != INFINITY:
+            self.now = max(self.now, until)
+
+    def _advance(self, until: float, steps: int | None) -> int:
+        arrivals, due, procs, estimate = self._arrivals, self._due, self._procs, self._estimate
+        state, start, end = self.state, self.start, self.end
+        queue, ends = self._queue, self._ends
+        fast, by_estimate, uniform = self._fast, self._by_estimate, self._uniform
+        pick = self.policy.pick if fast else None  # type: ignore[attr-defined]
+        kill = self.kill_at_estimate
+        jobs = self.jobs
+        waiting, running, completed = SimState.WAITING, SimState.RUNNING, SimState.COMPLETED
+        heappush, heappop = heapq.heappush, heapq.heappop
+        free, known, count = self.free, self._known, len(arrivals)
+        done = 0
+        while steps is None or done < steps:
+            nxt = self._next
+            now = arrivals[nxt][0] if nxt < count else INFINITY
+            if due and due[0][0] < now:
+                now = due[0][0]
+            if now == INFINITY or now > until:
+                break
+            self.now = now
+            while due and due[0][0] == now:
+                number = heappop(due)[1]
+                free += procs[number]
+                if state[number] == running:
+                    state[number] = completed
+                if fast:
+                    ends.pop(bisect.bisect_left(ends, (expected_end(start[number],
+                                                                     estimate[number]), number)))
+                else:
+                    del self._running[number]
+                if not uniform:
+                    self._give_back(number)
+                known = 0
+            while nxt < count and arrivals[nxt][0] == now:
+                number = arrivals[nxt][1]
+                nxt += 1
+                state[number] = waiting
+                if not fast:
+                    job = jobs[number]
+                    self._waiting[number] = WaitingJob(number, job.procs, job.submit,
+                                                       _known_or_none(job.estimate))
+                elif by_estimate:
+                    bisect.insort(queue, number, key=estimate.__getitem__)
+                else:
+                    queue.append(number)
+            self._next = nxt
+            if fast:
+                started = pick(now, queue, procs, estimate, free, ends, known)
+            else:
+                started = self._select(now, free)
+            for number in started:
+                free -= procs[number]
+                state[number] = running
+                start[number] = now
+                if uniform:
+                    length = jobs[number].work
+                    finish = now + length
+                else:
+                    finish = self._place(number, now)
+                    length = finish - now
+                limit = estimate[number]
+                if kill and length > limit:
+                    finish = now + limit
+                    state[number] = SimState.KILLED
+                end[number] = finish
+                heappush(due, (finish, number))
+            if free < 0:
+                raise SimulationError(f"policy {self.policy.name} overfilled the machine at "
+                                      f"{now}")
+            known = 0 if by_estimate else len(queue)
+            done += 1
+        self.free, self._known = free, known
+        return done
+
+    # --- the select() path ----------------------------------------------------------------
+
+    def _select(self, now: float, free: int) -> list[int]:
+        waiting = list(self._waiting.values())
+        if not waiting:
+            return []
+        chosen = self.policy.select(now, waiting, list(self._running.values()), self.capacity)
+        started = []
+        for job in chosen:
+            if self._waiting.pop(job.key, None) is None:
+                raise SimulationError(f"policy {self.policy.name} started job {job.key}, which "
+                                      "is not waiting")
+            free -= job.procs
+            if free < 0:
+                raise SimulationError(f"policy {self.policy.name} overfilled the machine at "
+                                      f"{now}")
+            self._running[job.key] = RunningJob(job.key, job.procs, now, job.estimate)
+            started.append(job.key)
+        return started
+
+    # --- workers ------------------------------------------------------------------------
+
+    def _place(self, number: int, now: float) -> float:
+        """Give the job its workers (fastest idle first); returns when it ends."""
+        job = self.jobs[number]
+        chosen = tuple(self._idle[: job.procs])
+        del self._idle[: job.procs]
+        self.placement[number] = chosen
+        workers = [self.machine.workers[i] for i in chosen]
+        if self.duration is not None:
+            seconds = max(self.duration(job, w) for w in workers)
+        else:
+            seconds = job.work / min(w.speed for w in workers)
+        return finish_time(now, seconds, workers)
+
+    def _give_back(self, number: int) -> None:
+        speed = [w.speed for w in self.machine.workers]
+        for index in self.placement.get(number, ()):
+            bisect.insort(self._idle, index, key=lambda i: -speed[i])
+
+    def _release(self, number: int) -> None:
+        """Free a running job's processors now (cancel)."""
+        self.free += self._procs[number]
+        if self._fast:
+            key = (expected_end(self.start[number], self._estimate[number]), number)
+            self._ends.pop(bisect.bisect_left(self._ends, key))
+        else:
+            del self._running[number]
+        if not self._uniform:
+            self._give_back(number)
+        self._known = 0
+
+
+def finish_time(start: float, seconds: float, workers: Sequence[Worker]) -> float:
+    """When ``seconds`` of full-speed work done from ``start`` ends, at the pace the
+    availability traces of ``workers`` allow (the least available one sets the pace)."""
+    edges = sorted({t for w in workers for a, b, _ in w.availability for t in (a, b) if t > start})
+    now, left = start, seconds
+    for edge in [*edges, INFINITY]:
+        rate = min(w.fraction(now) for w in workers)
+        if rate > 0 and now + left / rate <= edge:
+            return now + left / rate
+        if edge == INFINITY:
+            break
+        left -= rate * (edge - now)
+        now = edge
+    raise SimulationError("a job never finishes: its workers are never available again")
+
+
+def _known_or_none(estimate: float) -> float | None:
+    return None if estimate == INFINITY else estimate
+
+
+def simulate(jobs: Sequence[SimJob], policy: Policy, machine: Machine | int, *,
+             kill_at_estimate: bool = False, duration: CostFunction | None = None) -> Simulator:
+    """Run ``jobs`` to the end under ``policy``; returns the finished simulator."""
+    if isinstance(machine, int):
+        machine = Machine.processors(machine)
+    simulator = Simulator(machine, policy, kill_at_estimate=kill_at_estimate, duration=duration)
+    simulator.add(jobs)
+    simulator.run()
+    return simulator

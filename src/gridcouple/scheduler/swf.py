@@ -1,0 +1,237 @@
+"""Standard Workload Format (SWF v2.2) traces: read, turn into jobs to replay, write.
+
+One job per line, 18 whitespace-separated numbers, -1 for missing; lines starting with ``;``
+are the header (``; Key: value``) and comments. Plain or gzip-compressed (``.gz``).
+
+Replaying a trace needs choices the trace does not make; :class:`ReplayOptions` holds them with
+these defaults, and :class:`Replay` counts how many jobs each rule touched:
+
+- procs: the requested processors, or the allocated ones when none were requested;
+- estimate: the requested time (the user's estimate), or the run time when none was given;
+- run time <= 0 (the job never ran, mostly cancelled while waiting): dropped;
+- cancelled jobs (status 5) that did run: kept, they held the machine;
+- jobs wider than the machine: dropped.
+
+A run time longer than the estimate is not a reader's choice but the engine's (``kill at the
+estimate`` or ``let it run``); the replay only counts such jobs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+
+from gridcouple.errors import GridcoupleError
+from gridcouple.scheduler.engine import SimJob, SimState, Simulator
+from gridcouple.scheduler.policies import INFINITY
+
+FIELDS = (
+    "job_number", "submit_time", "wait_time", "run_time", "allocated_procs",
+    "average_cpu_time", "used_memory", "requested_procs", "requested_time",
+    "requested_memory", "status", "user_id", "group_id", "executable", "queue", "partition",
+    "preceding_job", "think_time",
+)
+COLUMN = {name: index for index, name in enumerate(FIELDS)}
+STATUS_FAILED, STATUS_COMPLETED, STATUS_CANCELLED = 0, 1, 5
+
+_HEADER_RE = re.compile(r";\s*([A-Za-z][A-Za-z0-9_ ]*?)\s*:\s?(.*)")
+
+
+class SwfError(GridcoupleError):
+    """A trace cannot be read or replayed; the message names the file and the line."""
+
+
+@dataclass
+class SwfTrace:
+    """A trace: its header as ``(key, value)`` pairs in file order (comments without a key
+    have key ``""``), and one row of the 18 fields per job."""
+
+    path: str
+    header: list[tuple[str, str]]
+    records: np.ndarray  # shape (jobs, 18), float64
+    lines: np.ndarray  # the 1-based line number of each record
+
+    def header_value(self, key: str) -> str | None:
+        """The value of the first header line with this key (case-insensitive)."""
+        wanted = key.lower()
+        return next((value for k, value in self.header if k.lower() == wanted), None)
+
+    @property
+    def max_procs(self) -> int | None:
+        """The machine size the header gives (MaxProcs, else MaxNodes), if any."""
+        for key in ("MaxProcs", "MaxNodes"):
+            value = self.header_value(key)
+            if value is not None and value.split() and value.split()[0].isdigit():
+                return int(value.split()[0])
+        return None
+
+
+def _open_text(path: Path, mode: str) -> IO[str]:
+    if path.suffix == ".gz":
+        return gzip.open(path, mode + "t", encoding="utf-8", newline="")  # type: ignore[return-value]
+    return open(path, mode, encoding="utf-8", newline="")
+
+
+def read_swf(path: str | Path) -> SwfTrace:
+    """Read a trace; a malformed line raises SwfError naming the file and the line."""
+    path = Path(path)
+    try:
+        with _open_text(path, "r") as stream:
+            text = stream.read()
+    except FileNotFoundError:
+        raise SwfError(f"trace {path} does not exist") from None
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise SwfError(f"trace {path} cannot be read: {exc}") from None
+    header: list[tuple[str, str]] = []
+    data: list[str] = []
+    numbers: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith(";"):
+            match = _HEADER_RE.fullmatch(stripped)
+            header.append((match.group(1), match.group(2).strip()) if match
+                          else ("", stripped[1:].strip()))
+            continue
+        data.append(stripped)
+        numbers.append(number)
+    if not data:
+        return SwfTrace(str(path), header, np.empty((0, len(FIELDS))), np.empty(0, dtype=int))
+    try:
+        records = np.loadtxt(data, dtype=np.float64, ndmin=2)
+        if records.shape[1] != len(FIELDS):
+            raise ValueError
+    except ValueError as exc:
+        _raise_first_bad_line(path, data, numbers)
+        raise SwfError(f"{path}: cannot be parsed: {exc}") from None
+    return SwfTrace(str(path), header, records, np.asarray(numbers))
+
+
+def _raise_first_bad_line(path: Path, data: Sequence[str], numbers: Sequence[int]) -> None:
+    for line, number in zip(data, numbers, strict=True):
+        parts = line.split()
+        if len(parts) != len(FIELDS):
+            raise SwfError(f"{path}:{number}: expected {len(FIELDS)} fields, found "
+                           f"{len(parts)}: {line[:80]!r}")
+        for name, part in zip(FIELDS, parts, strict=True):
+            try:
+                float(part)
+            except ValueError:
+                raise SwfError(f"{path}:{number}: field {name} is not a number: "
+                               f"{part!r}") from None
+
+
+def write_swf(path: str | Path, records: np.ndarray,
+              header: Iterable[tuple[str, str]] = ()) -> None:
+    """Write a trace (gzip-compressed when ``path`` ends in .gz)."""
+    path = Path(path)
+    lines = [f"; {key}: {value}" if key else f"; {value}" for key, value in header]
+    buffer = io.StringIO()
+    integral = np.all(records == np.round(records), axis=0) if len(records) else []
+    formats = ["%d" if whole else "%.2f" for whole in integral] or ["%d"] * len(FIELDS)
+    if len(records):
+        np.savetxt(buffer, records, fmt=formats, delimiter=" ")
+    with _open_text(path, "w") as stream:
+        stream.write("\n".join(lines) + ("\n" if lines else ""))
+        stream.write(buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """The choices a replay needs; see the module docstring for why these defaults."""
+
+    procs: Literal["requested", "allocated"] = "requested"
+    estimate: Literal["requested", "runtime"] = "requested"
+    nonpositive_runtime: Literal["drop", "keep"] = "drop"
+    cancelled: Literal["keep", "drop"] = "keep"
+    too_wide: Literal["drop", "clip", "error"] = "drop"
+
+
+@dataclass
+class Replay:
+    """The jobs to simulate (``payload`` = the row in the trace), the machine size, and how
+    many jobs each rule touched."""
+
+    trace: SwfTrace
+    jobs: list[SimJob]
+    procs: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def replay_jobs(trace: SwfTrace, procs: int | None = None,
+                options: ReplayOptions = ReplayOptions()) -> Replay:
+    """The jobs of ``trace`` on a machine of ``procs`` processors (default: the header's)."""
+    procs = procs or trace.max_procs
+    if procs is None:
+        raise SwfError(f"{trace.path}: no MaxProcs or MaxNodes in the header; give the "
+                       "machine size (--procs)")
+    r = trace.records
+    col = COLUMN
+    requested, allocated = r[:, col["requested_procs"]], r[:, col["allocated_procs"]]
+    first, second = (requested, allocated) if options.procs == "requested" else (allocated,
+                                                                                 requested)
+    width = np.where(first > 0, first, second)
+    runtime = r[:, col["run_time"]]
+    asked = r[:, col["requested_time"]]
+    use_runtime = asked <= 0 if options.estimate == "requested" else np.ones(len(r), bool)
+    estimate = np.where(use_runtime, runtime, asked)
+    counts: dict[str, int] = {"records": len(r)}
+    keep = np.ones(len(r), dtype=bool)
+
+    def rule(name: str, mask: np.ndarray, drop: bool) -> None:
+        counts[name] = int(np.count_nonzero(mask & keep))
+        if drop:
+            keep[mask] = False
+
+    rule("dropped: no procs given", width <= 0, True)
+    rule(f"{options.nonpositive_runtime}: run time <= 0", runtime <= 0,
+         options.nonpositive_runtime == "drop")
+    rule(f"{options.cancelled}: cancelled (status 5)",
+         r[:, col["status"]] == STATUS_CANCELLED, options.cancelled == "drop")
+    wide = width > procs
+    if options.too_wide == "error" and np.any(wide & keep):
+        row = int(np.argmax(wide & keep))
+        raise SwfError(f"{trace.path}:{trace.lines[row]}: job asks for {int(width[row])} "
+                       f"processors, the machine has {procs}")
+    rule(f"{options.too_wide}: wider than {procs} procs", wide, options.too_wide == "drop")
+    width = np.minimum(width, procs)
+    runtime = np.maximum(runtime, 0)
+    estimate = np.maximum(estimate, 0)
+    counts["estimate from run time"] = int(np.count_nonzero(use_runtime & keep)) \
+        if options.estimate == "requested" else int(np.count_nonzero(keep))
+    counts["run time > estimate"] = int(np.count_nonzero((runtime > estimate) & keep))
+    rows = np.flatnonzero(keep)
+    order = rows[np.argsort(r[rows, col["submit_time"]], kind="stable")]
+    submit = r[order, col["submit_time"]].tolist()
+    jobs = [SimJob(s, p, e, w, row) for s, p, e, w, row in zip(
+        submit, width[order].astype(int).tolist(), estimate[order].tolist(),
+        runtime[order].tolist(), order.tolist(), strict=True)]
+    counts["jobs replayed"] = len(jobs)
+    return Replay(trace, jobs, int(procs), counts)
+
+
+def schedule_records(replay: Replay, simulator: Simulator) -> np.ndarray:
+    """The simulated schedule as SWF rows: the trace's fields, with wait time, run time,
+    allocated procs and status from the simulation (killed jobs have status 0)."""
+    rows = np.array([job.payload for job in simulator.jobs], dtype=int)
+    out = replay.trace.records[rows].copy()
+    submit = np.array([job.submit for job in simulator.jobs])
+    start, end = np.array(simulator.start), np.array(simulator.end)
+    col = COLUMN
+    out[:, col["submit_time"]] = submit
+    out[:, col["wait_time"]] = start - submit
+    out[:, col["run_time"]] = end - start
+    out[:, col["allocated_procs"]] = [job.procs for job in simulator.jobs]
+    estimate = np.array([job.estimate for job in simulator.jobs])
+    out[:, col["requested_time"]] = np.where(estimate == INFINITY, -1, estimate)
+    killed = np.array([s == SimState.KILLED for s in simulator.state])
+    out[killed, col["status"]] = STATUS_FAILED
+    return out
