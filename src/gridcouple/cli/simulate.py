@@ -1,0 +1,123 @@
+"""``gridcouple simulate TRACE``: replay an SWF trace under one or more policies and compare."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gridcouple.cli import app
+from gridcouple.errors import ConfigError
+from gridcouple.scheduler.engine import Machine, Simulator
+from gridcouple.scheduler.metrics import DEFAULT_TAU, simulator_metrics
+from gridcouple.scheduler.policies import make_policy
+from gridcouple.scheduler.swf import (
+    ReplayOptions,
+    read_swf,
+    replay_jobs,
+    schedule_records,
+    write_swf,
+)
+
+console = Console()
+
+
+def per_policy(path: Path, policy: str, several: bool) -> Path:
+    """``sched.swf`` for one policy, ``sched-easy.swf`` when there are several."""
+    if not several:
+        return path
+    suffixes = "".join(path.suffixes)
+    stem = path.name[: -len(suffixes)] if suffixes else path.name
+    safe = policy.replace(":", "-").replace(".", "-")
+    return path.with_name(f"{stem}-{safe}{suffixes}")
+
+
+@app.command()
+def simulate(
+    trace: Annotated[Path, typer.Argument(help="An SWF trace (plain or .gz).")],
+    policy: Annotated[list[str], typer.Option(
+        "--policy", "-p", help="fcfs, sjf, easy, conservative or package.module:Class; "
+        "repeat to compare side by side.")] = ["easy"],  # noqa: B006  (typer needs a list)
+    procs: Annotated[int | None, typer.Option(
+        help="Machine size (default: the trace's MaxProcs).", show_default=False)] = None,
+    tau: Annotated[float, typer.Option(help="Bounded slowdown threshold [s].")] = DEFAULT_TAU,
+    out: Annotated[Path | None, typer.Option(
+        help="Write the simulated schedule as SWF (NAME-POLICY.swf for several).",
+        show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Draw a Gantt chart and utilization/queue as PNG (NAME-POLICY.png for several).",
+        show_default=False)] = None,
+    kill_at_estimate: Annotated[bool, typer.Option(
+        "--kill-at-estimate/--let-run",
+        help="Kill a job that outruns its estimate, or let it run as the trace records.")] = False,
+    procs_from: Annotated[str, typer.Option(
+        help="Job width: 'requested' (else allocated) or 'allocated' (else requested).")
+    ] = "requested",
+    estimate: Annotated[str, typer.Option(
+        help="Estimate: 'requested' time (else run time) or 'runtime' (exact).")] = "requested",
+    nonpositive_runtime: Annotated[str, typer.Option(
+        help="Jobs with run time <= 0: 'drop' or 'keep' (as zero-length).")] = "drop",
+    cancelled: Annotated[str, typer.Option(
+        help="Cancelled jobs (status 5) that ran: 'keep' or 'drop'.")] = "keep",
+    too_wide: Annotated[str, typer.Option(
+        help="Jobs wider than the machine: 'drop', 'clip' or 'error'.")] = "drop",
+) -> None:
+    """Replay a workload trace in simulated time and print its metrics per policy."""
+    options = ReplayOptions(
+        procs=_choice("--procs-from", procs_from, ("requested", "allocated")),
+        estimate=_choice("--estimate", estimate, ("requested", "runtime")),
+        nonpositive_runtime=_choice("--nonpositive-runtime", nonpositive_runtime,
+                                    ("drop", "keep")),
+        cancelled=_choice("--cancelled", cancelled, ("keep", "drop")),
+        too_wide=_choice("--too-wide", too_wide, ("drop", "clip", "error")),
+    )
+    if procs is not None and procs < 1:
+        raise ConfigError(f"--procs must be at least 1, got {procs}")
+    if tau <= 0:
+        raise ConfigError(f"--tau must be positive, got {tau}")
+    replay = replay_jobs(read_swf(trace), procs, options)
+    report = Table(title=f"{trace.name}: replay rules", show_header=False)
+    for rule, count in replay.counts.items():
+        report.add_row(rule, f"{count:,}")
+    console.print(report)
+    table = Table(title=f"{len(replay.jobs):,} jobs on {replay.procs} processors, "
+                  f"{'killed' if kill_at_estimate else 'let run'} past their estimate")
+    table.add_column("metric")
+    columns: list[list[str]] = []
+    several = len(policy) > 1
+    for name in policy:
+        began = time.perf_counter()
+        simulator = Simulator(Machine.processors(replay.procs), make_policy(name),
+                              kill_at_estimate=kill_at_estimate)
+        simulator.add(replay.jobs)
+        simulator.run()
+        seconds = time.perf_counter() - began
+        metrics = simulator_metrics(simulator, tau)
+        table.add_column(name, justify="right")
+        columns.append([value for _, value in metrics.rows()] +
+                       [f"{seconds:.2f}", f"{len(replay.jobs) / seconds:,.0f}"])
+        labels = [label for label, _ in metrics.rows()] + ["simulation time [s]", "jobs/s"]
+        if out:
+            header = [("Version", "2.2"), ("Computer", f"gridcouple simulation, policy {name}"),
+                      ("MaxProcs", str(replay.procs)), ("MaxJobs", str(len(replay.jobs))),
+                      ("MaxRecords", str(len(replay.jobs))),
+                      ("Note", f"replay of {trace.name}")]
+            write_swf(per_policy(out, name, several), schedule_records(replay, simulator),
+                      header)
+        if plot:
+            from gridcouple.scheduler.plots import plot_schedule
+
+            plot_schedule(simulator, per_policy(plot, name, several), f"{trace.name}: {name}")
+    for index, label in enumerate(labels):
+        table.add_row(label, *(column[index] for column in columns))
+    console.print(table)
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> Any:
+    if value not in allowed:
+        raise ConfigError(f"{option} {value!r}: choose one of {', '.join(allowed)}")
+    return value
