@@ -52,6 +52,10 @@ class CouplerSection:
     host: str = "127.0.0.1"
     port: int = 0
     join_timeout: float = 120.0
+    field_store: str = ""  # directory or fsspec URL for field versions; "" = a temporary one
+    tls_ca_file: str = ""  # TLS for the scheduler; required when host is not loopback
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection}
