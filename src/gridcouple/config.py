@@ -53,9 +53,9 @@ class CouplerSection:
     port: int = 0
     join_timeout: float = 120.0
     field_store: str = ""  # directory or fsspec URL for field versions; "" = a temporary one
-    tls_ca_file: str = ""  # TLS for the scheduler; required when host is not loopback
-    tls_cert: str = ""
-    tls_key: str = ""
+    tls_ca_file: Path | None = None  # TLS for the scheduler; required beyond loopback
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection}
