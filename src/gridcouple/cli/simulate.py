@@ -53,7 +53,7 @@ def simulate(
         show_default=False)] = None,
     kill_at_estimate: Annotated[bool, typer.Option(
         "--kill-at-estimate/--let-run",
-        help="Kill a job that outruns its estimate, or let it run as the trace records.")] = False,
+        help="Kill a job at its requested time, or let it run as the trace records.")] = False,
     procs_from: Annotated[str, typer.Option(
         help="Job width: 'requested' (else allocated) or 'allocated' (else requested).")
     ] = "requested",
@@ -92,7 +92,7 @@ def simulate(
     for name in policy:
         began = time.perf_counter()
         simulator = Simulator(Machine.processors(replay.procs), make_policy(name),
-                              kill_at_estimate=kill_at_estimate)
+                              kill_at_limit=kill_at_estimate)
         simulator.add(replay.jobs)
         simulator.run()
         seconds = time.perf_counter() - began
@@ -100,7 +100,7 @@ def simulate(
         table.add_column(name, justify="right")
         columns.append([value for _, value in metrics.rows()] +
                        [f"{seconds:.2f}", f"{len(replay.jobs) / seconds:,.0f}"])
-        labels = [label for label, _ in metrics.rows()] + ["simulation time [s]", "jobs/s"]
+        labels = [label for label, _ in metrics.rows()] + ["simulation time (s)", "jobs/s"]
         if out:
             header = [("Version", "2.2"), ("Computer", f"gridcouple simulation, policy {name}"),
                       ("MaxProcs", str(replay.procs)), ("MaxJobs", str(len(replay.jobs))),

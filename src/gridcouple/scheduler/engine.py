@@ -10,8 +10,9 @@ At each moment the engine first ends the jobs due, then queues the jobs that arr
 the policy once. Built-in policies are called through their fast :meth:`QueuePolicy.pick` path
 on containers kept up to date here; any other :class:`Policy` is called through ``select``.
 
-A job that runs longer than its estimate is killed at the estimate with ``kill_at_estimate``
-(what a batch system does at the walltime) or else runs to its end (what a trace records).
+A job that runs longer than its ``limit`` (its walltime; for a trace, the requested time) is
+killed there with ``kill_at_limit`` (what a batch system does) or else runs to its end (what a
+trace records). The policy only ever sees ``estimate``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class SimState(enum.IntEnum):
     WAITING = 1
     RUNNING = 2
     COMPLETED = 3
-    KILLED = 4  # reached its estimate with kill_at_estimate
+    KILLED = 4  # reached its limit with kill_at_limit
     CANCELED = 5
 
     @property
@@ -115,13 +116,15 @@ CostFunction = Callable[["SimJob", Worker], float]
 
 @dataclass(slots=True)
 class SimJob:
-    """A job as the engine sees it. ``estimate`` is INFINITY when unknown; ``payload`` is the
-    caller's (a JobSpec, a trace line number ...)."""
+    """A job as the engine sees it: ``work`` is its run time on a speed-1 worker, ``estimate``
+    what the policy is told (INFINITY: unknown), ``limit`` where it is killed with
+    ``kill_at_limit``; ``payload`` is the caller's (a JobSpec, a trace row ...)."""
 
     submit: float
     procs: int
     estimate: float
     work: float
+    limit: float = INFINITY
     payload: Any = None
 
 
@@ -132,7 +135,7 @@ class Simulator:
 
     machine: Machine
     policy: Policy
-    kill_at_estimate: bool = False
+    kill_at_limit: bool = False
     duration: CostFunction | None = None
     now: float = 0.0
     jobs: list[SimJob] = field(default_factory=list)
@@ -239,7 +242,7 @@ class Simulator:
         queue, ends = self._queue, self._ends
         fast, by_estimate, uniform = self._fast, self._by_estimate, self._uniform
         pick = self.policy.pick if fast else None  # type: ignore[attr-defined]
-        kill = self.kill_at_estimate
+        kill = self.kill_at_limit
         jobs = self.jobs
         waiting, running, completed = SimState.WAITING, SimState.RUNNING, SimState.COMPLETED
         heappush, heappop = heapq.heappush, heapq.heappop
@@ -293,7 +296,7 @@ class Simulator:
                 else:
                     finish = self._place(number, now)
                     length = finish - now
-                limit = estimate[number]
+                limit = jobs[number].limit
                 if kill and length > limit:
                     finish = now + limit
                     state[number] = SimState.KILLED
@@ -381,11 +384,11 @@ def _known_or_none(estimate: float) -> float | None:
 
 
 def simulate(jobs: Sequence[SimJob], policy: Policy, machine: Machine | int, *,
-             kill_at_estimate: bool = False, duration: CostFunction | None = None) -> Simulator:
+             kill_at_limit: bool = False, duration: CostFunction | None = None) -> Simulator:
     """Run ``jobs`` to the end under ``policy``; returns the finished simulator."""
     if isinstance(machine, int):
         machine = Machine.processors(machine)
-    simulator = Simulator(machine, policy, kill_at_estimate=kill_at_estimate, duration=duration)
+    simulator = Simulator(machine, policy, kill_at_limit=kill_at_limit, duration=duration)
     simulator.add(jobs)
     simulator.run()
     return simulator

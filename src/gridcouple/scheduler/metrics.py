@@ -34,12 +34,12 @@ class Metrics:
         """``(label, value)`` pairs for a table."""
         return [
             ("jobs", f"{self.jobs}"),
-            ("mean wait [s]", f"{self.mean_wait:,.0f}"),
-            ("median wait [s]", f"{self.median_wait:,.0f}"),
-            ("p95 wait [s]", f"{self.p95_wait:,.0f}"),
+            ("mean wait (s)", f"{self.mean_wait:,.0f}"),
+            ("median wait (s)", f"{self.median_wait:,.0f}"),
+            ("p95 wait (s)", f"{self.p95_wait:,.0f}"),
             (f"mean bounded slowdown (tau={self.tau:g} s)", f"{self.mean_bounded_slowdown:,.2f}"),
             ("utilization", f"{self.utilization:.1%}"),
-            ("makespan [s]", f"{self.makespan:,.0f}"),
+            ("makespan (s)", f"{self.makespan:,.0f}"),
             ("mean queue length", f"{self.mean_queue:,.1f}"),
             ("max queue length", f"{self.max_queue}"),
         ]

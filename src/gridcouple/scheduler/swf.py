@@ -12,8 +12,9 @@ these defaults, and :class:`Replay` counts how many jobs each rule touched:
 - cancelled jobs (status 5) that did run: kept, they held the machine;
 - jobs wider than the machine: dropped.
 
-A run time longer than the estimate is not a reader's choice but the engine's (``kill at the
-estimate`` or ``let it run``); the replay only counts such jobs.
+A run time longer than the requested time is not a reader's choice but the engine's (kill at
+the requested time, or let it run as the trace records: the default, since the trace says the
+machine did let it run); the replay only counts such jobs.
 """
 
 from __future__ import annotations
@@ -211,9 +212,10 @@ def replay_jobs(trace: SwfTrace, procs: int | None = None,
     rows = np.flatnonzero(keep)
     order = rows[np.argsort(r[rows, col["submit_time"]], kind="stable")]
     submit = r[order, col["submit_time"]].tolist()
-    jobs = [SimJob(s, p, e, w, row) for s, p, e, w, row in zip(
+    limit = np.where(asked > 0, asked, INFINITY)
+    jobs = [SimJob(s, p, e, w, x, row) for s, p, e, w, x, row in zip(
         submit, width[order].astype(int).tolist(), estimate[order].tolist(),
-        runtime[order].tolist(), order.tolist(), strict=True)]
+        runtime[order].tolist(), limit[order].tolist(), order.tolist(), strict=True)]
     counts["jobs replayed"] = len(jobs)
     return Replay(trace, jobs, int(procs), counts)
 
