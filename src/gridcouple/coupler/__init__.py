@@ -1,0 +1,12 @@
+"""The steering side: :class:`Coupler` allocates application servers and tears them down."""
+
+from gridcouple.coupler.session import (
+    ApplicationError,
+    ApplicationFailedError,
+    ApplicationStartError,
+    AppRequest,
+    Coupler,
+)
+
+__all__ = ["AppRequest", "ApplicationError", "ApplicationFailedError", "ApplicationStartError",
+           "Coupler"]

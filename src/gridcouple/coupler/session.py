@@ -1,0 +1,499 @@
+"""The coupler: starts a dask scheduler, allocates application servers as batch jobs through
+the configured backend, hands back proxies, and tears everything down.
+
+::
+
+    with Coupler.from_config("gridcouple.toml") as c:
+        heat = c.allocate("mypkg.heat:Heat", name="heat", resources=Resources(cpus=1))
+        heat.solve_step(TimeStep(0.1, 0.1, 1))
+
+How an application server reaches us: the backend starts ``python -m gridcouple.appkit.server``
+with a per-application secret in its environment. The server registers its direct endpoint
+with the coupler's registry (an authenticated TCP connection that stays open for the server's
+life), then joins the dask scheduler under the job's name in the background. Method calls go
+over the direct channel, not through dask (see docs/coupler.md for why and the figures).
+
+Failure is never a hang: a call waiting on a server that died raises
+:class:`ApplicationFailedError` naming the application, the job, its native state and the last
+lines of its stderr. Leaving the ``with`` block terminates the applications and ends every job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gridcouple.appkit.server import JOIN_HANDLER, TLS_ENV, join_proof
+from gridcouple.appkit.transport import (
+    TOKEN_ENV,
+    ApplicationProxy,
+    Channel,
+    TransportError,
+    accept_handshake,
+    app_token,
+)
+from gridcouple.backends import open_backend
+from gridcouple.backends.base import Backend
+from gridcouple.config import Config, CouplerSection, load_config
+from gridcouple.errors import ConfigError, GridcoupleError
+from gridcouple.jobs import Job, JobSpec, JobStatus, Resources
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL = 20
+FAILURE_REPORT_WAIT = 3.0  # seconds to wait for the backend to see a lost server end
+STATUS_INTERVAL = 1.0  # seconds between backend queries while a call waits
+TERMINATE_WAIT = 5.0
+
+
+class ApplicationError(GridcoupleError):
+    """An application server could not be started or failed."""
+
+
+class ApplicationStartError(ApplicationError):
+    """An application server's job ended, or did not join in time, before it was usable."""
+
+
+class ApplicationFailedError(ApplicationError):
+    """An application server went away while in use."""
+
+
+@dataclass(frozen=True)
+class AppRequest:
+    """One application server to allocate: ``app`` is ``package.module:Class``."""
+
+    app: str
+    name: str | None = None
+    resources: Resources = field(default_factory=Resources)
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Member:
+    """What the coupler knows of one application server."""
+
+    name: str
+    app: str
+    token: str
+    job: Job | None = None
+    endpoint: str | None = None
+    joined: threading.Event = field(default_factory=threading.Event)
+    gone: threading.Event = field(default_factory=threading.Event)
+    proxy: ApplicationProxy | None = None
+    last_status_check: float = 0.0
+
+
+class Coupler:
+    """A coupling session; use it as a context manager (see the module docstring)."""
+
+    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        self.config = config
+        self.settings: CouplerSection = config.section("coupler")
+        self._backend = backend
+        self._secret = secrets.token_hex(32)
+        self._members: dict[str, _Member] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduler: Any = None
+        self._registry: socket.socket | None = None
+        self._registry_channels: list[Channel] = []
+        self._scheduler_members: dict[str, dict[str, Any]] = {}
+        self._store_root: str | None = None
+        self._own_store = False
+        self.security_kwargs = self._security_kwargs()
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, *,
+                    backend: str | None = None) -> Coupler:
+        """A coupler for the configuration at ``path`` (see :func:`load_config` for the search
+        order); ``backend`` overrides the configured backend's name."""
+        config = load_config(path)
+        if backend:
+            config = Config(path=config.path, state_dir=config.state_dir, backend=backend,
+                            sections=config.sections, backend_tables=config.backend_tables,
+                            text=config.text)
+        return cls(config)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Coupler:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Open the backend, the registry and the dask scheduler."""
+        if self._backend is None:
+            self._backend = open_backend(self.config)
+        self._store_root = self._field_store_root()
+        self._start_registry()
+        self._start_scheduler()
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise ApplicationError("the coupler is not started; use it in a with block")
+        return self._backend
+
+    @property
+    def scheduler_address(self) -> str:
+        """The dask scheduler's address (``tcp://127.0.0.1:PORT`` by default)."""
+        if self._scheduler is None:
+            raise ApplicationError("the coupler is not started; use it in a with block")
+        return self._scheduler.address
+
+    @property
+    def registry_endpoint(self) -> str:
+        assert self._registry is not None
+        host, port = self._registry.getsockname()[:2]
+        return f"{self._advertised_host(host)}:{port}"
+
+    def scheduler_members(self) -> dict[str, dict[str, Any]]:
+        """The application servers that joined the dask scheduler, by job name."""
+        return dict(self._scheduler_members)
+
+    def close(self) -> None:
+        """Terminate every application, end every job, stop the scheduler. Safe to repeat."""
+        members = list(self._members.values())
+        self._terminate_applications(members)
+        jobs = [m.job for m in members if m.job is not None]
+        if jobs and self._backend is not None:
+            self._end_jobs(jobs)
+        for member in members:
+            if member.proxy is not None:
+                member.proxy.close()
+        self._members.clear()
+        self._stop_registry()
+        self._stop_scheduler()
+        if self._own_store and self._store_root:
+            shutil.rmtree(self._store_root, ignore_errors=True)
+            self._store_root = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    # --- allocating ----------------------------------------------------------------------
+
+    def allocate(self, app: str, *, name: str | None = None,
+                 resources: Resources | None = None,
+                 environment: Mapping[str, str] | None = None) -> ApplicationProxy:
+        """Start one application server (``package.module:Class``) as a job; returns its
+        proxy once it has joined."""
+        request = AppRequest(app, name, resources or Resources(), environment or {})
+        return self.allocate_many([request])[0]
+
+    def allocate_many(self, requests: Sequence[AppRequest]) -> list[ApplicationProxy]:
+        """Start several application servers in ONE backend submission; wait until all have
+        joined or one of their jobs ended (then raise :class:`ApplicationStartError`)."""
+        members = [self._new_member(r) for r in requests]
+        specs = [self._job_spec(m, r) for m, r in zip(members, requests, strict=True)]
+        jobs = self.backend.submit(specs)
+        for member, job in zip(members, jobs, strict=True):
+            member.job = job
+        self._wait_joined(members)
+        for member in members:
+            member.proxy = ApplicationProxy(
+                member.endpoint or "", member.token, name=member.name,
+                on_lost=lambda exc, m=member: self._failure(m, exc),
+                check_alive=lambda m=member: self._check_alive(m))
+        return [m.proxy for m in members if m.proxy is not None]
+
+    def _new_member(self, request: AppRequest) -> _Member:
+        module, _, cls = request.app.partition(":")
+        if not module or not cls:
+            raise ApplicationError(f"application {request.app!r}: use package.module:Class")
+        base = request.name or cls.split(".")[-1].lower()
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", base):
+            raise ApplicationError(f"application name {base!r}: use 1-64 letters, digits, "
+                                   "'_', '.', '+' or '-'")
+        with self._lock:
+            name = base
+            if request.name and name in self._members:
+                raise ApplicationError(f"an application named {name!r} is already allocated")
+            number = 1
+            while name in self._members:
+                number += 1
+                name = f"{base}-{number}"
+            member = _Member(name=name, app=request.app, token=app_token(self._secret, name))
+            self._members[name] = member
+        return member
+
+    def _job_spec(self, member: _Member, request: AppRequest) -> JobSpec:
+        host = "127.0.0.1" if _is_loopback(self.settings.host) else "0.0.0.0"
+        environment = {
+            TOKEN_ENV: member.token,
+            "GRIDCOUPLE_COUPLER": self.registry_endpoint,
+            "GRIDCOUPLE_SCHEDULER": self.scheduler_address,
+            "GRIDCOUPLE_FIELD_STORE": f"{self._store_root}/{member.name}",
+            **({TLS_ENV: json.dumps(self.security_kwargs)} if self.security_kwargs else {}),
+            **request.environment,
+        }
+        return JobSpec(argv=(sys.executable, "-m", "gridcouple.appkit.server",
+                             "--app", request.app, "--name", member.name, "--host", host),
+                       name=member.name, environment=environment, resources=request.resources)
+
+    def _wait_joined(self, members: Sequence[_Member]) -> None:
+        deadline = time.monotonic() + self.settings.join_timeout
+        interval = 0.01
+        while True:
+            waiting = [m for m in members if not m.joined.is_set()]
+            if not waiting:
+                return
+            statuses = self.backend.status([m.job for m in waiting if m.job is not None])
+            for member, status in zip(waiting, statuses, strict=True):
+                if status.state.is_final and not member.joined.is_set():
+                    raise ApplicationStartError(self._describe(
+                        member, status, "ended before it joined the coupler"))
+            if time.monotonic() > deadline:
+                member = waiting[0]
+                raise ApplicationStartError(self._describe(
+                    member, statuses[0], f"did not join within {self.settings.join_timeout:g} s "
+                    f"([coupler] join_timeout in {self.config.path or 'the defaults'})"))
+            waiting[0].joined.wait(interval)
+            interval = min(interval * 1.5, 0.25)
+
+    # --- failures ------------------------------------------------------------------------
+
+    def _check_alive(self, member: _Member) -> None:
+        """Called while a call waits: raise when the server is known to be gone."""
+        if member.gone.is_set():
+            raise self._failure(member, TransportError("its registration connection closed"))
+        now = time.monotonic()
+        if member.job is not None and now - member.last_status_check >= STATUS_INTERVAL:
+            member.last_status_check = now
+            status = self.backend.status([member.job])[0]
+            if status.state.is_final:
+                raise self._failure(member, TransportError("its job ended"))
+
+    def _failure(self, member: _Member, cause: Exception) -> ApplicationFailedError:
+        """The error for a server that went away: waits briefly for the backend to see the
+        job end, so the message carries its final state and stderr."""
+        status = None
+        if member.job is not None and self._backend is not None:
+            deadline = time.monotonic() + FAILURE_REPORT_WAIT
+            while True:
+                status = self.backend.status([member.job])[0]
+                if status.state.is_final or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        return ApplicationFailedError(self._describe(member, status, f"failed ({cause})"))
+
+    def _describe(self, member: _Member, status: JobStatus | None, what: str) -> str:
+        text = f"application {member.name} ({member.app})"
+        if member.job is not None:
+            text += f", job {member.job}"
+        text += f", {what}"
+        if status is not None:
+            text += f"; job state {status.describe()}"
+            if status.native_state:
+                text += f", native state {status.native_state}"
+        if member.job is not None and self._backend is not None:
+            tail = self.backend.read_output(member.job, "stderr", tail=STDERR_TAIL).rstrip()
+            text += ("; last lines of its stderr:\n" + tail) if tail else "; its stderr is empty"
+        return text
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def _terminate_applications(self, members: Sequence[_Member]) -> None:
+        live = [m for m in members if m.proxy is not None and not m.gone.is_set()]
+        threads = []
+        for member in live:
+            thread = threading.Thread(target=_quietly_terminate, args=(member,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        deadline = time.monotonic() + TERMINATE_WAIT
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _end_jobs(self, jobs: Sequence[Job]) -> None:
+        """Wait briefly for servers to exit on their own, then cancel what still runs."""
+        backend = self.backend
+        deadline = time.monotonic() + 2.0
+        statuses = backend.status(jobs)
+        while not all(s.state.is_final for s in statuses) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            statuses = backend.status(jobs)
+        running = [j for j, s in zip(jobs, statuses, strict=True) if not s.state.is_final]
+        if not running:
+            return
+        backend.cancel(running)
+        grace = float(getattr(backend.options, "grace_period", 5.0)) + 10.0
+        for _event in backend.events(running, timeout=grace):
+            pass
+        left = [j for j, s in zip(running, backend.status(running), strict=True)
+                if not s.state.is_final]
+        if left:
+            log.warning("jobs still not ended after cancel: %s", ", ".join(map(str, left)))
+
+    # --- the registry: where servers tell us their endpoint -------------------------------
+
+    def _start_registry(self) -> None:
+        host = self.settings.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._registry = socket.create_server((host, 0), family=family, backlog=64)
+        threading.Thread(target=self._accept_registrations, name="registry",
+                         daemon=True).start()
+
+    def _stop_registry(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+        for channel in self._registry_channels:
+            with contextlib.suppress(OSError):
+                channel.sock.shutdown(socket.SHUT_RDWR)
+            channel.close()
+        self._registry_channels.clear()
+
+    def _accept_registrations(self) -> None:
+        registry = self._registry
+        while registry is not None:
+            try:
+                sock, _ = registry.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._registration, args=(sock,), daemon=True).start()
+
+    def _registration(self, sock: socket.socket) -> None:
+        channel = Channel(sock)
+        try:
+            name = accept_handshake(channel, self._token_of)
+            info = channel.receive()
+            channel.send("ok")
+        except (OSError, TransportError) as exc:
+            log.warning("refused an application server registration: %s", exc)
+            channel.close()
+            return
+        member = self._members.get(name)
+        if member is None:
+            channel.close()
+            return
+        self._registry_channels.append(channel)
+        member.endpoint = info["endpoint"]
+        member.joined.set()
+        with contextlib.suppress(OSError, TransportError):
+            channel.receive()  # returns when the server's end closes
+        member.gone.set()
+
+    def _token_of(self, name: str) -> str | None:
+        member = self._members.get(name)
+        return member.token if member else None
+
+    # --- the dask scheduler ------------------------------------------------------------
+
+    def _start_scheduler(self) -> None:
+        from distributed import Scheduler
+
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="dask-scheduler", daemon=True).start()
+        self._loop = loop
+
+        async def start() -> Any:
+            kwargs: dict[str, Any] = {}
+            if self.security_kwargs:
+                from distributed.security import Security
+
+                kwargs = {"security": Security(**self.security_kwargs), "protocol": "tls"}
+            host = self.settings.host
+            # The scheduler's HTTP routes listen where it does, on any free port.
+            http = f"[{host}]:0" if ":" in host else f"{host}:0"
+            scheduler = Scheduler(host=host, port=self.settings.port, dashboard=False,
+                                  dashboard_address=http, **kwargs)
+            scheduler.handlers[JOIN_HANDLER] = self._scheduler_join
+            return await scheduler
+
+        self._scheduler = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+
+    async def _scheduler_join(self, comm: Any, name: str, endpoint: str, proof: str,
+                              **info: Any) -> Any:
+        from distributed.comm import CommClosedError
+        from distributed.core import Status
+
+        member = self._members.get(name)
+        if member is None or proof != join_proof(member.token, name, endpoint):
+            log.warning("refused a scheduler join from %r", name)
+            return Status.dont_reply
+        self._scheduler_members[name] = {"endpoint": endpoint, **info}
+        try:
+            while True:
+                await comm.read()
+        except CommClosedError:
+            pass
+        self._scheduler_members.pop(name, None)
+        return Status.dont_reply
+
+    def _stop_scheduler(self) -> None:
+        loop, scheduler = self._loop, self._scheduler
+        self._loop = self._scheduler = None
+        if loop is None:
+            return
+        if scheduler is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(scheduler.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+
+    # --- settings ----------------------------------------------------------------------
+
+    def _security_kwargs(self) -> dict[str, str]:
+        settings = self.settings
+        files = {"tls_ca_file": settings.tls_ca_file, "tls_client_cert": settings.tls_cert,
+                 "tls_client_key": settings.tls_key, "tls_scheduler_cert": settings.tls_cert,
+                 "tls_scheduler_key": settings.tls_key}
+        if _is_loopback(settings.host) and not any(files.values()):
+            return {}
+        missing = [k for k in ("tls_ca_file", "tls_cert", "tls_key")
+                   if getattr(settings, k) is None]
+        if missing:
+            raise ConfigError(f"{self.config.where(('coupler', 'host'))}: listening on "
+                              f"{settings.host!r} (beyond loopback) needs TLS; set "
+                              f"{', '.join(missing)} in [coupler]")
+        return {"require_encryption": True, **{k: str(v) for k, v in files.items()}}  # type: ignore[dict-item]
+
+    def _field_store_root(self) -> str:
+        if self.settings.field_store:
+            return self.settings.field_store.rstrip("/")
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self._own_store = True
+        return tempfile.mkdtemp(prefix="gridcouple-fields-", dir=base)
+
+    def _advertised_host(self, host: str) -> str:
+        return socket.gethostname() if host in ("0.0.0.0", "::") else host
+
+
+def _quietly_terminate(member: _Member) -> None:
+    with contextlib.suppress(Exception):
+        assert member.proxy is not None
+        member.proxy.terminate()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+__all__ = ["AppRequest", "ApplicationError", "ApplicationFailedError", "ApplicationStartError",
+           "Coupler"]
