@@ -135,7 +135,12 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; :meth:`from_dict` reverses it."""
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data.update(argv=list(self.argv), environment=dict(self.environment),
+                    attributes=dict(self.attributes), resources=vars(self.resources).copy(),
+                    stage_in=[vars(f).copy() for f in self.stage_in],
+                    stage_out=[vars(f).copy() for f in self.stage_out])
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:

@@ -106,34 +106,35 @@ class Journal:
     # --- writing -------------------------------------------------------------------------
 
     def add(self, backend: str, specs: Sequence[JobSpec], state: JobState = JobState.NEW,
-            workdirs: Sequence[str] | None = None) -> list[int]:
-        """Record new jobs in one transaction; returns their ids in order."""
+            extra: Mapping[str, Any] | None = None) -> list[int]:
+        """Record new jobs in one transaction; returns their ids in order. ``extra`` is the
+        backend's bookkeeping, the same for every job of the call."""
         now = time.time()
         ids = []
+        extra_json = json.dumps(dict(extra or {}))
         with self.transaction() as db:
-            for index, spec in enumerate(specs):
+            for spec in specs:
                 cursor = db.execute(
-                    "INSERT INTO jobs (backend, name, spec, state, submit_time, workdir) "
+                    "INSERT INTO jobs (backend, name, spec, state, submit_time, extra) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (backend, spec.name, json.dumps(spec.to_dict()), state.value, now,
-                     workdirs[index] if workdirs else ""),
+                     extra_json),
                 )
                 ids.append(cursor.lastrowid)
             db.executemany("INSERT INTO events (job_id, state, time) VALUES (?, ?, ?)",
                            [(i, state.value, now) for i in ids])
         return ids
 
-    def set_native_ids(self, pairs: Iterable[tuple[int, str]], state: JobState | None = None,
-                       workdirs: dict[int, str] | None = None) -> None:
-        """Store the batch system's ids (and optionally a new state) for recorded jobs."""
+    def set_native_ids(self, rows: Iterable[tuple[int, str, str]], state: JobState) -> None:
+        """Store (id, native id, work directory) of jobs the batch system accepted, and their
+        new state, for jobs recorded as NEW."""
+        rows = list(rows)
+        now = time.time()
         with self.transaction() as db:
-            for job_id, native_id in pairs:
-                db.execute("UPDATE jobs SET native_id = ? WHERE id = ?", (native_id, job_id))
-                if workdirs and job_id in workdirs:
-                    db.execute("UPDATE jobs SET workdir = ? WHERE id = ?",
-                               (workdirs[job_id], job_id))
-                if state is not None:
-                    self._set_status(db, job_id, JobStatus(state), only_if=None)
+            db.executemany("UPDATE jobs SET native_id = ?, workdir = ?, state = ? WHERE id = ?",
+                           [(native, workdir, state.value, i) for i, native, workdir in rows])
+            db.executemany("INSERT INTO events (job_id, state, time) VALUES (?, ?, ?)",
+                           [(i, state.value, now) for i, _, _ in rows])
 
     def update(self, changes: Iterable[tuple[int, JobStatus]], *,
                only_if: Sequence[JobState] | None = None) -> list[int]:
@@ -235,10 +236,12 @@ class Journal:
         """The newest event's sequence number (0 when there is none)."""
         return self._query("SELECT COALESCE(MAX(seq), 0) FROM events", ())[0][0]
 
-    def events_since(self, seq: int) -> list[tuple[int, int, JobState, float]]:
-        """Events after ``seq`` as (seq, job id, state, time), oldest first."""
-        rows = self._query("SELECT seq, job_id, state, time FROM events WHERE seq > ? ORDER BY seq",
-                           (seq,))
+    def events_since(self, seq: int, first_id: int = 0, last_id: int = 2**62,
+                     ) -> list[tuple[int, int, JobState, float]]:
+        """Events after ``seq`` of jobs with ids in [first_id, last_id], as (seq, job id,
+        state, time), oldest first."""
+        rows = self._query("SELECT seq, job_id, state, time FROM events WHERE seq > ? AND "
+                           "job_id BETWEEN ? AND ? ORDER BY seq", (seq, first_id, last_id))
         return [(s, j, JobState(st), t) for s, j, st, t in rows]
 
     def _record(self, row: tuple[Any, ...]) -> JobRecord:

@@ -9,19 +9,20 @@ a local socket. Jobs therefore outlive the process that submitted them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gridcouple.backends.base import Backend, Backoff
 from gridcouple.errors import BackendError
-from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
+from gridcouple.jobs import Job, JobEvent, JobSpec, JobState, JobStatus
 from gridcouple.scheduler.journal import JobRecord
 
 WAITING = (JobState.NEW, JobState.QUEUED, JobState.HELD)
@@ -54,6 +55,11 @@ def daemon_address(state_dir: Path) -> str:
     return "\0gridcouple-local:" + str(Path(state_dir).resolve())
 
 
+def environment_file(state_dir: Path, name: str) -> Path:
+    """Where a saved submitting environment lives."""
+    return Path(state_dir) / "environments" / f"{name}.json"
+
+
 class LocalBackend(Backend):
     """Processes on this machine behind a slot-limited queue (see the module docstring)."""
 
@@ -75,35 +81,80 @@ class LocalBackend(Backend):
             if spec.resources.nodes > 1:
                 raise BackendError(f"job {spec.name} asks for {spec.resources.nodes} nodes; the "
                                    "local backend has one")
-        ids = self.journal.add(self.name, specs)
-        environment = json.dumps(dict(os.environ))
-        homes = {}
+        ids = self.journal.add(self.name, specs,
+                               extra={"environment": self._save_environment()})
         try:
             for job_id, spec in zip(ids, specs, strict=True):
-                home = homes[job_id] = self.job_home(job_id)
-                self.stage_in(spec, home)
-                env_file = home / "environment.json"
-                env_file.touch(mode=0o600)
-                env_file.write_text(environment)
+                if spec.stage_in:  # copied now: the inputs as they are at submission
+                    self.stage_in(spec, self.job_home(job_id))
         except BackendError as exc:
             self.journal.update([(i, JobStatus(JobState.FAILED, reason=f"not submitted: {exc}",
                                                end_time=time.time())) for i in ids])
             raise
-        self.journal.set_native_ids(((i, str(i)) for i in ids), state=JobState.QUEUED,
-                                    workdirs={i: str(h) for i, h in homes.items()})
+        self.journal.set_native_ids(((i, str(i), str(self.job_home(i))) for i in ids),
+                                    state=JobState.QUEUED)
         self.wake_daemon()
         return [Job(id=i, backend=self.name, native_id=str(i), spec=s)
                 for i, s in zip(ids, specs, strict=True)]
 
+    def _save_environment(self) -> str:
+        """Keep the submitting environment (jobs get it, as with Slurm's --export=ALL) in a
+        file named by its hash, written once however many jobs share it."""
+        text = json.dumps(dict(os.environ), sort_keys=True)
+        name = hashlib.sha256(text.encode()).hexdigest()[:20]
+        path = environment_file(self.state_dir, name)
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.touch(mode=0o600)
+            partial.write_text(text)
+            partial.replace(path)
+        return name
+
     def query(self, records: Sequence[JobRecord]) -> dict[int, JobStatus]:
-        """The daemon keeps the journal current, so the records are the answer; a daemon that
-        died while jobs were not final is started again (it adopts running jobs)."""
+        """The daemon keeps the journal current, so the records are the answer."""
+        self._ensure_daemon()
+        return {r.job.id: r.status for r in records}
+
+    def events(self, jobs: Sequence[Job], *, timeout: float | None = None) -> Iterator[JobEvent]:
+        """Follow the journal's event table, which the daemon writes: each poll is one small
+        query, and only jobs that changed are read again."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seq = self.journal.last_event()
+        known = {}
+        for job, status in zip(jobs, self.status(jobs), strict=True):
+            known[job.id] = status.state
+            yield JobEvent(job=job, status=status, previous=None)
+        by_id = {job.id: job for job in jobs}
+        unfinished = {i for i, state in known.items() if not state.is_final}
+        interval = self.backoff.first
+        while unfinished:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            time.sleep(interval if deadline is None
+                       else max(0.0, min(interval, deadline - time.monotonic())))
+            new = self.journal.events_since(seq, min(unfinished), max(unfinished))
+            seq = new[-1][0] if new else seq
+            changed = sorted({job_id for _, job_id, _, _ in new if job_id in unfinished})
+            for record in self.journal.get(changed):
+                state = record.status.state
+                if state != known[record.job.id]:
+                    yield JobEvent(job=by_id[record.job.id], status=record.status,
+                                   previous=known[record.job.id])
+                    known[record.job.id] = state
+                    if state.is_final:
+                        unfinished.discard(record.job.id)
+            interval = self.backoff.first if changed else min(interval * self.backoff.factor,
+                                                              self.backoff.most)
+            self._ensure_daemon()
+
+    def _ensure_daemon(self) -> None:
+        """Start the daemon again if it died (it adopts running jobs); checked once a second."""
         now = time.monotonic()
         if now - self._daemon_checked > 1.0:
             self._daemon_checked = now
             if not self._send({"op": "ping"}):
                 self.wake_daemon()
-        return {r.job.id: r.status for r in records}
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Waiting jobs end at once; running ones get SIGTERM, then SIGKILL after the grace

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gridcouple.backends.base import job_home, output_file, working_directory
-from gridcouple.backends.local.backend import LocalOptions, daemon_address
+from gridcouple.backends.local.backend import LocalOptions, daemon_address, environment_file
 from gridcouple.errors import ConfigError
 from gridcouple.jobs import JobSpec, JobState, JobStatus
 from gridcouple.scheduler.journal import Journal
@@ -65,8 +65,9 @@ class Daemon:
         self.host = socket.gethostname()
         self.options = options
         self.policy = make_policy(options.policy)
-        self.waiting: dict[int, WaitingJob] = {}
-        self.specs: dict[int, JobSpec] = {}
+        self.waiting: dict[int, WaitingJob] = {}  # in submit (id) order
+        self.specs: dict[int, tuple[JobSpec, dict[str, str]]] = {}  # waiting: spec, environment
+        self.environments: dict[str, dict[str, str]] = {}
         self.running: dict[int, RunningProcess] = {}
         self.changes: list[tuple[int, JobStatus]] = []
         self.extra: dict[int, dict[str, int]] = {}
@@ -201,14 +202,28 @@ class Daemon:
                     self._signal(run, signal.SIGTERM, "cancel")
         for job_id in [i for i in self.waiting if i not in queued]:
             del self.waiting[job_id]
-        new = [i for i in queued if i not in self.waiting and i not in self.running]
-        for record in self.journal.get(sorted(new)) if new else ():
+            del self.specs[job_id]
+        new = sorted(i for i in queued if i not in self.waiting and i not in self.running)
+        out_of_order = bool(new and self.waiting and new[0] < max(self.waiting))  # released
+        for record in self.journal.get(new) if new else ():
             spec = record.job.spec
-            self.specs[record.job.id] = spec
+            self.specs[record.job.id] = (spec, self._environment(record.extra.get("environment")))
             self.waiting[record.job.id] = WaitingJob(
                 key=record.job.id, procs=spec.resources.cpus,
                 submit_time=record.status.submit_time or time.time(),
                 estimate=spec.estimate or spec.resources.walltime)
+        if out_of_order:
+            self.waiting = dict(sorted(self.waiting.items()))
+
+    def _environment(self, name: str | None) -> dict[str, str]:
+        if name not in self.environments:
+            try:
+                path = environment_file(self.state_dir, name or "")
+                self.environments[name] = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                log.warning("submitting environment %s unreadable (%s); using mine", name, exc)
+                self.environments[name] = dict(os.environ)
+        return self.environments[name]
 
     def _flush(self) -> None:
         if self.changes:
@@ -227,8 +242,7 @@ class Daemon:
         capacity = self.options.capacity
         running = [RunningJob(key=r.job_id, procs=r.procs, start_time=r.start_time,
                               estimate=r.estimate) for r in self.running.values()]
-        chosen = self.policy.select(now, sorted(self.waiting.values(), key=lambda w: w.key),
-                                    running, capacity)
+        chosen = self.policy.select(now, list(self.waiting.values()), running, capacity)
         free = capacity - sum(r.procs for r in running)
         allowed = []
         for job in chosen:  # a policy of a user's own must not overfill the machine
@@ -246,10 +260,11 @@ class Daemon:
             self._start(job_id, now)
 
     def _start(self, job_id: int, now: float) -> None:
-        spec = self.specs.pop(job_id)
+        spec, environment = self.specs.pop(job_id)
         home = job_home(self.state_dir, job_id)
         try:
-            process = _spawn(spec, home, job_id, self.state_dir)
+            home.mkdir(parents=True, exist_ok=True)
+            process = _spawn(spec, home, job_id, self.state_dir, environment)
         except OSError as exc:
             message = f"cannot start: {exc.strerror or exc}: {exc.filename or spec.argv[:1]}"
             with open(output_file(spec, home, "stderr"), "a") as err:
@@ -345,11 +360,10 @@ class Daemon:
         self._flush()
 
 
-def _spawn(spec: JobSpec, home: Path, job_id: int, state_dir: Path) -> subprocess.Popen[bytes]:
+def _spawn(spec: JobSpec, home: Path, job_id: int, state_dir: Path,
+           submitted_environment: dict[str, str]) -> subprocess.Popen[bytes]:
     """Start a job in its own session (so its process group can be signalled as a whole)."""
-    env_file = home / "environment.json"
-    environment = json.loads(env_file.read_text()) if env_file.exists() else dict(os.environ)
-    environment.update(spec.environment)
+    environment = {**submitted_environment, **spec.environment}
     environment.update(GRIDCOUPLE_JOB_ID=str(job_id), GRIDCOUPLE_JOB_NAME=spec.name,
                        GRIDCOUPLE_JOB_HOME=str(home), GRIDCOUPLE_STATE_DIR=str(state_dir))
     argv = list(spec.argv)
