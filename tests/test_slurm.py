@@ -1,0 +1,232 @@
+"""The Slurm backend against the real single-node cluster of scripts/slurm-up.
+
+The cluster has a "debug" partition (default) and a "parked" one that is DOWN, where jobs wait
+with Reason=PartitionDown. Slurm counts walltime in whole minutes and checks it every 30 s, so
+the walltime job is submitted first (by the module fixture) and checked last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import require_service
+from gridcouple.backends.slurm import SlurmBackend, SlurmOptions
+from gridcouple.errors import BackendError, QueryUnavailableError
+from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(150)]
+
+
+def cluster_available() -> tuple[bool, str]:
+    """Whether the test cluster answers, and why not."""
+    if shutil.which("sinfo") is None:
+        return False, "sinfo is not on PATH (start the cluster with scripts/slurm-up as root)"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%a"], capture_output=True,
+                              text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False, "sinfo did not answer within 10 s"
+    if proc.returncode or proc.stdout.strip() != "up":
+        return False, f"partition debug is not up: {proc.stderr.strip() or proc.stdout.strip()}"
+    return True, ""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A backend on a fresh state dir, and the walltime job submitted before everything else."""
+    available, why = cluster_available()
+    require_service("slurm", available, why)
+    state_dir = tmp_path_factory.mktemp("slurm-state")
+    backend = SlurmBackend(SlurmOptions(poll_interval=0.5), state_dir=state_dir)
+    walltime_job, = backend.submit([JobSpec(argv=("sleep", "600"), name="overrun",
+                                            resources=Resources(walltime=30))])
+    yield backend, walltime_job
+    backend.cancel([walltime_job])
+    backend.close()
+
+
+@pytest.fixture
+def backend(cluster):
+    return cluster[0]
+
+
+def test_complete_with_staging_and_fail_with_exit_code(backend, tmp_path):
+    source = tmp_path / "input.txt"
+    source.write_text("21\n")
+    ok, bad = backend.submit([
+        JobSpec(argv=("sh", "-c", "echo $(( $(cat input.txt) * 2 )) > answer.txt; echo stdout"),
+                name="double", stage_in=(StagedFile(str(source), "input.txt"),),
+                stage_out=(StagedFile("answer.txt", "answer.txt"),)),
+        JobSpec(script="echo about to fail >&2\nexit 3\n", name="fails"),
+    ])
+    done, failed = backend.wait([ok, bad], timeout=60)
+    assert (done.state, done.native_state, done.exit_code) == (JobState.COMPLETED, "COMPLETED", 0)
+    assert backend.read_output(ok) == "stdout\n"
+    fetched = backend.fetch(ok, tmp_path / "out")
+    assert [p.read_text() for p in fetched] == ["42\n"]
+    assert (failed.state, failed.native_state, failed.exit_code) == (JobState.FAILED, "FAILED", 3)
+    assert backend.read_output(bad, "stderr") == "about to fail\n"
+    assert failed.describe() == "FAILED (NonZeroExitCode) [exit code 3]"
+
+
+def test_cancel_after_a_signal_and_wait_timeout(backend):
+    script = "trap 'echo got USR1' USR1\necho started\nwhile :; do sleep 0.2; done\n"
+    job, = backend.submit([JobSpec(script=script, name="cancel-me")])
+    started = time.monotonic()
+    status, = backend.wait([job], timeout=1.0)
+    assert time.monotonic() - started < 5 and not status.state.is_final
+    deadline = time.monotonic() + 30
+    while "started" not in backend.read_output(job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    backend.cancel([job], signal="USR1", grace=1.0)
+    status, = backend.wait([job], timeout=30)
+    assert (status.state, status.native_state) == (JobState.CANCELED, "CANCELLED")
+    assert "got USR1" in backend.read_output(job)
+
+
+def test_array_of_200_is_one_sbatch_call(backend):
+    jobs = backend.submit([JobSpec(argv=("echo", f"task {i}"), name="many") for i in range(200)])
+    assert len({job.native_id.split("_")[0] for job in jobs}) == 1
+    statuses = backend.wait(jobs, timeout=100)
+    assert [s.state for s in statuses] == [JobState.COMPLETED] * 200
+    assert [backend.read_output(j) for j in jobs] == [f"task {i}\n" for i in range(200)]
+
+
+def test_pending_job_shows_its_reason_and_can_be_held_and_released(backend):
+    parked = {"slurm.partition": "parked"}
+    jobs = backend.submit([JobSpec(argv=("true",), name="parked", attributes=parked)
+                           for _ in range(2)])
+    statuses = backend.status(jobs)
+    assert [(s.state, s.native_state, s.reason) for s in statuses] == [
+        (JobState.QUEUED, "PENDING", "PartitionDown")] * 2
+    assert statuses[0].describe() == "QUEUED: PENDING (PartitionDown)"
+    backend.hold(jobs[:1])
+    held, _ = backend.status(jobs)
+    assert (held.state, held.reason) == (JobState.HELD, "JobHeldAdmin")
+    backend.release(jobs[:1])
+    assert backend.status(jobs)[0].state is JobState.QUEUED
+    backend.cancel(jobs)  # pending array tasks leave squeue at once: the journal's mark decides
+    assert [s.state for s in backend.wait(jobs, timeout=30)] == [JobState.CANCELED] * 2
+
+
+def test_reattach_from_a_new_process(backend):
+    job, = backend.submit([JobSpec(argv=("sh", "-c", "sleep 1; echo finished"), name="later")])
+    code = textwrap.dedent(f"""
+        import json, sys
+        from gridcouple.backends.slurm import SlurmBackend, SlurmOptions
+        backend = SlurmBackend(SlurmOptions(poll_interval=0.5),
+                               state_dir={str(backend.state_dir)!r})
+        job = backend.reattach({job.native_id!r})
+        status, = backend.wait([job], timeout=60)
+        print(json.dumps([job.id, str(status.state), backend.read_output(job)]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=90, check=True).stdout
+    assert json.loads(out.splitlines()[-1]) == [job.id, "COMPLETED", "finished\n"]
+
+
+class FaultSubmitterDies(BaseException):
+    """The submitting process dies between sbatch and recording the native ids."""
+
+
+class FaultBackendDiesAfterSbatch(SlurmBackend):
+    def _store_native_ids(self, native):
+        if native:
+            raise FaultSubmitterDies
+
+
+def test_jobs_of_a_submitter_that_died_after_sbatch_are_found(backend):
+    dying = FaultBackendDiesAfterSbatch(SlurmOptions(), state_dir=backend.state_dir)
+    with pytest.raises(FaultSubmitterDies):
+        dying.submit([JobSpec(argv=("echo", str(i)), name="orphan") for i in range(3)])
+    orphans = [r.job for r in backend.journal.records("slurm") if r.job.spec.name == "orphan"]
+    assert [j.native_id for j in orphans] == ["", "", ""]
+    statuses = backend.wait(orphans, timeout=60)
+    assert [s.state for s in statuses] == [JobState.COMPLETED] * 3
+    found = [backend.job(j.id) for j in orphans]
+    assert len({j.native_id.split("_")[0] for j in found}) == 1
+    assert [backend.read_output(j) for j in found] == ["0\n", "1\n", "2\n"]
+
+
+def test_parameter_sweep_groups_shapes_into_arrays(backend, tmp_path):
+    specs = [JobSpec(argv=("sh", "-c", 'echo $((P * P)) > square'), name=f"sweep-{p}",
+                     environment={"P": str(p)}, stage_out=(StagedFile("square", f"{p}"),),
+                     resources=Resources(cpus=2 if p % 2 else 1))
+             for p in range(10)]
+    jobs = backend.submit(specs)
+    assert len({job.native_id.split("_")[0] for job in jobs}) == 2  # cpus=1 and cpus=2
+    assert [s.state for s in backend.wait(jobs, timeout=60)] == [JobState.COMPLETED] * 10
+    for job in jobs:
+        backend.fetch(job, tmp_path / "results")
+    squares = {int(f.name): int(f.read_text()) for f in (tmp_path / "results").iterdir()}
+    assert squares == {p: p * p for p in range(10)}
+
+
+def test_sbatch_error_carries_slurms_message(backend):
+    with pytest.raises(BackendError, match="Invalid partition name specified"):
+        backend.submit([JobSpec(argv=("true",), name="nowhere",
+                                attributes={"slurm.partition": "nosuch"})])
+    record = backend.journal.records("slurm")[-1]
+    assert record.job.spec.name == "nowhere" and record.status.state is JobState.FAILED
+    assert "Invalid partition name specified" in record.status.reason
+
+
+def fault_bin_dir(path, squeue_body: str):
+    """Slurm's real commands, except squeue, which runs ``squeue_body`` (Python)."""
+    path.mkdir()
+    for tool in ("sbatch", "scontrol", "scancel", "sacct"):
+        (path / tool).symlink_to(shutil.which(tool))
+    squeue = path / "squeue"
+    squeue.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                      f"REAL = {shutil.which('squeue')!r}\n{squeue_body}")
+    squeue.chmod(0o755)
+    return path
+
+
+def test_failing_squeue_marks_nothing_failed(backend, tmp_path):
+    job, = backend.submit([JobSpec(argv=("sleep", "2"), name="survives")])
+    body = ('sys.stderr.write("squeue: error: Unable to contact slurm controller")\n'
+            "sys.exit(1)\n")
+    down = SlurmBackend(SlurmOptions(bin_dir=fault_bin_dir(tmp_path / "bin", body)),
+                        state_dir=backend.state_dir)
+    with pytest.raises(QueryUnavailableError, match="Unable to contact slurm controller"):
+        down.status([job])
+    assert not backend.journal.get([job.id])[0].status.state.is_final
+    assert backend.wait([job], timeout=60)[0].state is JobState.COMPLETED
+
+
+def test_job_purged_from_squeue_is_resolved_by_its_exit_code_file(backend, tmp_path):
+    jobs = backend.submit([JobSpec(script="sleep 1\nexit 3\n", name="purged"),
+                           JobSpec(argv=("true",), name="purged-ok")])
+    body = ("forget = set(open(__file__ + '.forget').read().split())\n"
+            "proc = subprocess.run([REAL, *sys.argv[1:]], capture_output=True, text=True)\n"
+            "sys.stderr.write(proc.stderr)\n"
+            "sys.stdout.write(''.join(line for line in proc.stdout.splitlines(True)\n"
+            "                         if line.split('|')[0] not in forget))\n"
+            "sys.exit(proc.returncode)\n")
+    bin_dir = fault_bin_dir(tmp_path / "bin", body)
+    (bin_dir / "squeue.forget").write_text(" ".join(j.native_id for j in jobs))
+    homes = [backend.job_home(j.id) / "exit_code" for j in jobs]
+    deadline = time.monotonic() + 60
+    while not all(h.exists() for h in homes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    forgetful = SlurmBackend(SlurmOptions(bin_dir=bin_dir), state_dir=backend.state_dir)
+    failed, done = forgetful.status(jobs)
+    assert (failed.state, failed.exit_code, failed.native_state) == (JobState.FAILED, 3, "")
+    assert "exit-code file" in failed.reason
+    assert (done.state, done.exit_code) == (JobState.COMPLETED, 0)
+
+
+def test_walltime_ends_in_timeout(cluster):
+    backend, job = cluster
+    status, = backend.wait([job], timeout=130)
+    assert (status.state, status.native_state) == (JobState.TIMEOUT, "TIMEOUT")
+    assert os.path.exists(backend.job_home(job.id) / "exit_code")
