@@ -102,3 +102,10 @@ def test_config_check_reports_errors_with_line(cli, tmp_path):
     result = cli("config", "check", "--config", str(broken))
     assert result.returncode == 2
     assert f"{broken}:2: [backend.local] slots: expected an integer" in result.stderr
+
+
+def test_status_watch_follows_given_jobs_until_they_end(cli):
+    cli("submit", "--name", "watched", "--", "sleep", "1")
+    result = cli("status", "--watch", "--interval", "0.2", "1", timeout=30)
+    assert result.returncode == 0
+    assert "watched" in result.stdout and "COMPLETED" in result.stdout
