@@ -217,6 +217,7 @@ class Simulator:
             heapq.heapify(self._due)
         self.end[number] = self.now
         self.state[number] = SimState.CANCELED
+        heapq.heappush(self._due, (self.now, -1))  # the policy may start others now
 
     # --- time ---------------------------------------------------------------------------
 
@@ -258,6 +259,8 @@ class Simulator:
             self.now = now
             while due and due[0][0] == now:
                 number = heappop(due)[1]
+                if number < 0:  # a wake-up call (see cancel)
+                    continue
                 free += procs[number]
                 if state[number] == running:
                     state[number] = completed

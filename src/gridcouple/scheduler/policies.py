@@ -271,10 +271,12 @@ class Profile:
             free[i] += procs
 
     def reserve(self, start: float, length: float, procs: int) -> None:
-        """Take ``procs`` processors over ``[start, start + length)`` (negative: give back)."""
+        """Take ``procs`` processors over ``[start, start + length)`` (negative: give back); a
+        zero-length job holds them for an instant."""
         start = max(start, self.times[0])
         first = self._point(start)
-        last = len(self.times) if length == INFINITY else self._point(start + length)
+        end = start + length if length > 0 else math.nextafter(start, INFINITY)
+        last = len(self.times) if length == INFINITY else self._point(end)
         free = self.free
         for i in range(first, last):
             free[i] -= procs

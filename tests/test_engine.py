@@ -1,0 +1,201 @@
+"""The discrete-event engine: properties on random workloads (hypothesis), workers with speeds
+and availability, overruns, cancellation."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gridcouple.scheduler.engine import (
+    Machine,
+    SimJob,
+    SimState,
+    SimulationError,
+    Simulator,
+    Worker,
+    finish_time,
+    simulate,
+)
+from gridcouple.scheduler.policies import EASY, Conservative, Policy, make_policy, shadow_time
+
+# GRIDCOUPLE_EXAMPLES=2000 for a deeper search than CI's
+PROPERTY = settings(max_examples=int(os.environ.get("GRIDCOUPLE_EXAMPLES", "60")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def workloads(draw, max_jobs: int = 25) -> tuple[int, list[SimJob]]:
+    """A machine size and jobs whose estimates are never below their run time."""
+    capacity = draw(st.integers(1, 8))
+    count = draw(st.integers(1, max_jobs))
+    jobs = []
+    for _ in range(count):
+        run = draw(st.integers(0, 30))
+        estimate = run + draw(st.sampled_from([0, 0, 1, 5, 40]))
+        jobs.append(SimJob(submit=draw(st.integers(0, 60)), procs=draw(st.integers(1, capacity)),
+                           estimate=estimate, work=run, limit=estimate))
+    return capacity, sorted(jobs, key=lambda j: j.submit)
+
+
+def busy_peak(sim: Simulator) -> int:
+    events = sorted([(e, -j.procs) for j, e in zip(sim.jobs, sim.end, strict=True)]
+                    + [(s, j.procs) for j, s in zip(sim.jobs, sim.start, strict=True)])
+    busy = peak = 0
+    for _, change in events:  # ends sort before starts at the same time
+        busy += change
+        peak = max(peak, busy)
+    return peak
+
+
+class SelectOnly(Policy):
+    """A built-in policy seen only through ``select``, like a user's own."""
+
+    name = "select-only"
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+
+    def select(self, now, waiting, running, capacity):
+        return self.inner.select(now, waiting, running, capacity)
+
+
+@pytest.mark.parametrize("name", ["fcfs", "sjf", "easy", "conservative"])
+@PROPERTY
+@given(workload=workloads())
+def test_every_policy_respects_capacity_and_submit_times(name, workload):
+    capacity, jobs = workload
+    sim = simulate(jobs, make_policy(name), capacity, kill_at_limit=True)
+    assert all(state == SimState.COMPLETED for state in sim.state)
+    assert busy_peak(sim) <= capacity
+    for job, start, end in zip(jobs, sim.start, sim.end, strict=True):
+        assert start >= job.submit
+        assert end == start + job.work
+    # the fast path and select() agree: one policy code for the simulator and the live queue
+    assert simulate(jobs, SelectOnly(make_policy(name)), capacity, kill_at_limit=True).start \
+        == sim.start
+
+
+@PROPERTY
+@given(workload=workloads())
+def test_fcfs_starts_in_submit_order(workload):
+    capacity, jobs = workload
+    sim = simulate(jobs, make_policy("fcfs"), capacity)
+    assert sim.start == sorted(sim.start)
+
+
+class WatchedEASY(EASY):
+    """EASY that notes the shadow time it gives each blocked head."""
+
+    def __init__(self) -> None:
+        self.promised: dict[int, float] = {}
+
+    def pick(self, now, queue, procs, estimate, free, ends, known=0):
+        started = super().pick(now, queue, procs, estimate, free, ends, known)
+        if queue:
+            head = queue[0]
+            shadow = shadow_time(now, procs[head], free - sum(procs[k] for k in started),
+                                 procs, ends)[0]
+            self.promised[head] = min(self.promised.get(head, math.inf), shadow)
+        return started
+
+
+@PROPERTY
+@given(workload=workloads())
+def test_easy_never_delays_the_head_past_its_reservation(workload):
+    capacity, jobs = workload
+    policy = WatchedEASY()
+    sim = simulate(jobs, policy, capacity, kill_at_limit=True)
+    for head, shadow in policy.promised.items():
+        assert sim.start[head] <= shadow
+
+
+class WatchedConservative(Conservative):
+    """Conservative backfilling that notes every reservation it makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.promised: dict[int, float] = {}
+
+    def pick(self, now, queue, procs, estimate, free, ends, known=0):
+        started = super().pick(now, queue, procs, estimate, free, ends, known)
+        for key, at in self.reserved.items():
+            assert at <= self.promised.get(key, math.inf)  # a reservation only moves earlier
+            self.promised[key] = at
+        return started
+
+
+@PROPERTY
+@given(workload=workloads())
+def test_conservative_never_delays_an_earlier_reservation(workload):
+    capacity, jobs = workload
+    policy = WatchedConservative()
+    sim = simulate(jobs, policy, capacity, kill_at_limit=True)
+    for key, at in policy.promised.items():
+        assert sim.start[key] <= at
+
+
+def test_overrun_is_killed_at_the_limit_or_let_run():
+    job = SimJob(submit=0, procs=1, estimate=10, work=25, limit=10)
+    killed = simulate([job], make_policy("fcfs"), 1, kill_at_limit=True)
+    assert (killed.end, killed.state) == ([10], [SimState.KILLED])
+    let_run = simulate([job], make_policy("fcfs"), 1)
+    assert (let_run.end, let_run.state) == ([25], [SimState.COMPLETED])
+
+
+def test_workers_with_speeds_and_availability():
+    # the slow worker runs at half speed, and not at all between 10 and 20
+    slow = Worker("slow", speed=0.5, availability=((10, 20, 0.0),))
+    machine = Machine((Worker("fast", speed=2.0), slow))
+    jobs = [SimJob(0, 1, 100, 8), SimJob(0, 1, 100, 8), SimJob(0, 2, 100, 4)]
+    sim = simulate(jobs, make_policy("fcfs"), machine)
+    assert sim.placement == {0: (0,), 1: (1,), 2: (0, 1)}
+    # job 0: 8 s of work at speed 2 = 4 s; job 1: 16 s at speed 0.5, paused over [10, 20) -> 26
+    # job 2 waits for both workers and runs at the slow one's pace: 4 / 0.5 = 8 s
+    assert sim.start == [0, 0, 26]
+    assert sim.end == [4, 26, 34]
+
+
+def test_cost_function_decides_durations():
+    machine = Machine((Worker("a"), Worker("b", speed=3.0)))
+    cost = {"a": 7.0, "b": 2.0}
+    sim = simulate([SimJob(0, 1, 1, 0, payload="x")], make_policy("fcfs"), machine,
+                   duration=lambda job, worker: cost[worker.name])
+    assert sim.end == [2.0]  # the fastest idle worker is chosen first
+
+
+def test_finish_time_needs_an_available_worker():
+    never = Worker("never", availability=((0, math.inf, 0.0),))
+    with pytest.raises(SimulationError, match="never available"):
+        finish_time(0, 5, [never])
+
+
+def test_cancel_waiting_and_running_jobs_frees_the_machine():
+    sim = Simulator(Machine.processors(1), make_policy("fcfs"))
+    first, second, third = sim.add([SimJob(0, 1, 50, 50), SimJob(0, 1, 5, 5), SimJob(1, 1, 5, 5)])
+    sim.run(until=2)
+    assert sim.state[first] == SimState.RUNNING
+    sim.cancel(second)
+    sim.cancel(first)
+    sim.run()
+    assert [sim.state[first], sim.state[second], sim.state[third]] == [SimState.CANCELED] * 2 + [
+        SimState.COMPLETED]
+    assert (sim.start[third], sim.end[third]) == (2, 7)
+
+
+def test_bad_jobs_and_policies_are_refused():
+    sim = Simulator(Machine.processors(2), make_policy("fcfs"))
+    with pytest.raises(SimulationError, match="3 processors never fits a machine of 2"):
+        sim.submit(SimJob(0, 3, 1, 1))
+
+    class Greedy(Policy):
+        name = "greedy"
+
+        def select(self, now, waiting, running, capacity):
+            return list(waiting)
+
+    with pytest.raises(SimulationError, match="greedy overfilled the machine"):
+        simulate([SimJob(0, 2, 1, 1), SimJob(0, 2, 1, 1)], Greedy(), 2)
