@@ -1,0 +1,178 @@
+"""SWF traces: reading, replay rules with their counts, writing the simulated schedule, the
+``gridcouple simulate`` command, and the real traces from GRIDCOUPLE_TRACES."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import require_service
+from gridcouple.cli import app, jobs, simulate  # noqa: F401  (registers the commands, as main does)
+from gridcouple.scheduler.engine import Machine, Simulator
+from gridcouple.scheduler.engine import simulate as run_simulation
+from gridcouple.scheduler.metrics import simulator_metrics
+from gridcouple.scheduler.policies import make_policy
+from gridcouple.scheduler.swf import (
+    COLUMN,
+    ReplayOptions,
+    SwfError,
+    read_swf,
+    replay_jobs,
+    schedule_records,
+    write_swf,
+)
+
+HEADER = """; Version: 2.2
+; Computer: Test machine
+; MaxProcs: 8
+; MaxNodes: 4
+; a comment without a key
+"""
+#           job submit wait run alloc cpu mem reqp reqt reqm status user group exe q part prec think
+ROWS = """    1     0   5   10    2   -1  -1    2   20   -1   1  1 1 -1 1 -1 -1 -1
+    2     5   0   30   -1   -1  -1    4   -1   -1   1  2 1 -1 1 -1 -1 -1
+    3     6   0    0    1   -1  -1    1   10   -1   5  1 1 -1 1 -1 -1 -1
+    4     7   0   40    3   -1  -1   -1   30   -1   5  3 1 -1 1 -1 -1 -1
+    5     8   0    5   16   -1  -1   16   10   -1   1  1 1 -1 1 -1 -1 -1
+    6     9   0   -1   -1   -1  -1   -1   10   -1   0  1 1 -1 1 -1 -1 -1
+"""
+
+
+@pytest.fixture
+def trace_file(tmp_path) -> Path:
+    path = tmp_path / "small.swf.gz"
+    with gzip.open(path, "wt") as stream:
+        stream.write(HEADER + ROWS)
+    return path
+
+
+def test_read_header_and_records(trace_file):
+    trace = read_swf(trace_file)
+    assert trace.header_value("computer") == "Test machine"
+    assert trace.max_procs == 8
+    assert ("", "a comment without a key") in trace.header
+    assert trace.records.shape == (6, 18)
+    assert trace.records[1, COLUMN["requested_procs"]] == 4
+    assert trace.lines.tolist() == [6, 7, 8, 9, 10, 11]
+
+
+def test_default_replay_rules_and_counts(trace_file):
+    replay = replay_jobs(read_swf(trace_file))
+    assert replay.procs == 8
+    # job 3 never ran, job 5 is wider than 8, job 6 has neither procs nor a run time
+    assert [job.payload for job in replay.jobs] == [0, 1, 3]
+    assert [(j.procs, j.estimate, j.work) for j in replay.jobs] == [(2, 20, 10), (4, 30, 30),
+                                                                     (3, 30, 40)]
+    assert replay.jobs[1].limit == float("inf")  # no requested time: no walltime to kill at
+    assert replay.counts == {
+        "records": 6, "dropped: no procs given": 1, "drop: run time <= 0": 1,
+        "keep: cancelled (status 5)": 1, "drop: wider than 8 procs": 1,
+        "estimate from run time": 1, "run time > estimate": 1, "jobs replayed": 3,
+    }
+
+
+def test_other_replay_choices(trace_file):
+    trace = read_swf(trace_file)
+    options = ReplayOptions(procs="allocated", estimate="runtime", nonpositive_runtime="keep",
+                            cancelled="drop", too_wide="clip")
+    replay = replay_jobs(trace, 8, options)
+    assert [job.payload for job in replay.jobs] == [0, 1, 4]
+    assert [(j.procs, j.estimate) for j in replay.jobs] == [(2, 10), (4, 30), (8, 5)]
+    assert replay.counts["clip: wider than 8 procs"] == 1
+    assert replay.counts["drop: cancelled (status 5)"] == 2
+    with pytest.raises(SwfError, match=r"small.swf.gz:10: job asks for 16 processors"):
+        replay_jobs(trace, 8, ReplayOptions(too_wide="error"))
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("7 10 0 5 1 -1 -1 1 10 -1 1 1 1 -1 1 -1 -1", "expected 18 fields, found 17"),
+    ("7 10 0 5 1 -1 -1 1 ten -1 1 1 1 -1 1 -1 -1 -1", "field requested_time is not a number"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.swf"
+    path.write_text(HEADER + ROWS + line + "\n")
+    with pytest.raises(SwfError, match=rf"bad.swf:12: {message}"):
+        read_swf(path)
+
+
+def test_missing_file_and_missing_machine_size(tmp_path):
+    with pytest.raises(SwfError, match="does not exist"):
+        read_swf(tmp_path / "none.swf")
+    path = tmp_path / "headless.swf"
+    path.write_text(ROWS)
+    with pytest.raises(SwfError, match="no MaxProcs or MaxNodes"):
+        replay_jobs(read_swf(path))
+
+
+def test_schedule_written_as_swf_reads_back(trace_file, tmp_path):
+    replay = replay_jobs(read_swf(trace_file))
+    sim = run_simulation(replay.jobs, make_policy("fcfs"), replay.procs, kill_at_limit=True)
+    out = tmp_path / "schedule.swf"
+    write_swf(out, schedule_records(replay, sim), [("Version", "2.2"), ("MaxProcs", "8")])
+    back = read_swf(out)
+    assert back.max_procs == 8
+    assert back.records[:, COLUMN["job_number"]].tolist() == [1, 2, 4]
+    # job 4 (3 procs, at 7) waits for job 1's 2 procs until 10, and is killed at its 30 s request
+    assert back.records[:, COLUMN["wait_time"]].tolist() == [0, 0, 3]
+    assert back.records[:, COLUMN["run_time"]].tolist() == [10, 30, 30]
+    assert back.records[:, COLUMN["status"]].tolist() == [1, 1, 0]
+
+
+def test_simulate_command_compares_policies(trace_file, tmp_path):
+    result = CliRunner().invoke(app, [
+        "simulate", str(trace_file), "--policy", "fcfs", "--policy", "easy", "--procs", "4",
+        "--out", str(tmp_path / "s.swf"), "--plot", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert "fcfs" in result.output and "easy" in result.output
+    assert "mean bounded slowdown" in result.output
+    for policy in ("fcfs", "easy"):
+        assert read_swf(tmp_path / f"s-{policy}.swf").records.shape[0] == 3
+        assert (tmp_path / f"s-{policy}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_simulate_command_rejects_a_bad_choice(trace_file):
+    result = CliRunner().invoke(app, ["simulate", str(trace_file), "--too-wide", "shrink"])
+    assert result.exit_code != 0
+    assert "--too-wide 'shrink': choose one of drop, clip, error" in str(result.exception)
+
+
+def traces_folder() -> Path:
+    folder = os.environ.get("GRIDCOUPLE_TRACES", "")
+    require_service("traces", bool(folder) and Path(folder).is_dir(),
+                    "set GRIDCOUPLE_TRACES to the folder of the SWF traces")
+    return Path(folder)
+
+
+@pytest.mark.traces
+def test_real_traces_read_with_their_headers():
+    folder = traces_folder()
+    sdsc = replay_jobs(read_swf(folder / "SDSC-SP2-1998-4.2-cln.swf.gz"))
+    assert (sdsc.procs, sdsc.counts["records"]) == (128, 59715)
+    assert sdsc.counts["drop: run time <= 0"] == 5681
+    assert sdsc.counts["run time > estimate"] == 4134
+    lublin = replay_jobs(read_swf(folder / "lublin_256.swf.gz"))
+    assert (lublin.procs, len(lublin.jobs)) == (256, lublin.counts["records"])
+    assert all(job.estimate == job.work for job in lublin.jobs)  # no requested time given
+
+
+@pytest.mark.traces
+def test_real_trace_easy_beats_fcfs_on_kth():
+    replay = replay_jobs(read_swf(traces_folder() / "KTH-SP2-1996-2.1-cln.swf.gz"))
+    results = {}
+    for name in ("fcfs", "easy"):
+        sim = Simulator(Machine.processors(replay.procs), make_policy(name))
+        sim.add(replay.jobs)
+        sim.run()
+        results[name] = simulator_metrics(sim)
+    fcfs, easy = results["fcfs"], results["easy"]
+    assert fcfs.jobs == easy.jobs == 28467
+    assert easy.mean_wait < fcfs.mean_wait / 10
+    work = sum(j.procs * j.work for j in replay.jobs)
+    for metrics in (fcfs, easy):  # the same work, done within the makespan
+        assert metrics.utilization == pytest.approx(work / (100 * metrics.makespan))
+    assert np.isclose(easy.utilization, 0.699, atol=0.01)
