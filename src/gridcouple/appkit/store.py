@@ -141,7 +141,9 @@ class FieldStore:
         self.url = str(_local_path(text)) if self.local else text
         self.chunk_bytes = chunk_bytes
         if self.local:
-            _local_path(self.url).mkdir(parents=True, exist_ok=True)
+            root = _local_path(self.url)
+            (root / _STAGING).mkdir(parents=True, exist_ok=True)
+            _write_group_metadata(root / _STAGING)  # so zarr sees a group, not a stray folder
 
     def __repr__(self) -> str:
         return f"FieldStore({self.url!r})"

@@ -190,7 +190,11 @@ def connect_handshake(channel: Channel, token: str, name: str = "") -> None:
     identity = name.encode()[:255]
     sock.sendall(bytes([len(identity)]) + identity
                  + _digest(token, b"client", greeting[len(_MAGIC):]) + nonce)
-    if not hmac.compare_digest(channel._take(_NONCE), _digest(token, b"server", nonce)):
+    try:
+        answer = channel._take(_NONCE)
+    except ConnectionLostError:
+        raise AuthenticationError("the server refused us (wrong secret?)") from None
+    if not hmac.compare_digest(answer, _digest(token, b"server", nonce)):
         raise AuthenticationError("the server failed the challenge (wrong secret)")
     sock.settimeout(None)
 
@@ -301,8 +305,11 @@ class ApplicationProxy:
         self._poll_interval = poll_interval
         self._lock = threading.Lock()
         self._lost: Exception | None = None
+        self._channel: Channel | None = None
         try:
-            self._channel: Channel | None = connect(endpoint, token)
+            self._channel = connect(endpoint, token)
+        except AuthenticationError:
+            raise
         except (OSError, TransportError) as exc:
             raise self._lose(exc) from exc
 

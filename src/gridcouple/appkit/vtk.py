@@ -24,9 +24,16 @@ def _is_number(obj: object) -> bool:
     return isinstance(obj, int | float | np.integer | np.floating)
 
 
-# pyvtk 0.5.18 checks numbers against np.float_, which numpy 2 removed: give it a check that
-# works with numpy 1 and 2 alike.
+def _tensors_to_string(self: Any, format: str = "ascii") -> bytes:
+    datatype = self.get_datatype(self.tensors)
+    return b"\n".join([f"TENSORS {self.name} {datatype}".encode(),
+                        self.seq_to_string(self.tensors, format, datatype)])
+
+
+# Two pyvtk 0.5.18 bugs, mended here: it checks numbers against np.float_, which numpy 2
+# removed, and its TENSORS section joins str with bytes (Python 2 code).
 pyvtk.common.is_number = _is_number
+pyvtk.Tensors.to_string = _tensors_to_string
 
 # pyvtk writes cells grouped by type in this order; cell values are reordered to match.
 _PYVTK_CELL_ORDER = list(pyvtk.UnstructuredGrid._vtk_cell_types_map)

@@ -1,0 +1,182 @@
+"""The application kit: data objects, the Application base, the wire format, and real
+application servers (``python -m gridcouple.appkit.server``) called through proxies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gridcouple.appkit.data import (
+    Field,
+    Mesh,
+    Property,
+    StructuredMesh,
+    TimeStep,
+    UnstructuredMesh,
+)
+from gridcouple.appkit.store import FieldRef, FieldStore
+from gridcouple.appkit.transport import (
+    TOKEN_ENV,
+    ApplicationProxy,
+    AuthenticationError,
+    RemoteError,
+)
+from gridcouple.appkit.wire import decode, encode
+from test_appkit_apps import MESH, Counter, MupifStyle
+
+TESTS = Path(__file__).parent
+SECRET = "test-secret"
+
+
+# --- data objects ---------------------------------------------------------------------------
+
+def test_field_shapes_are_validated_with_the_field_named():
+    with pytest.raises(ValueError, match=r"'temperature'.*\(4, 2\).*\(4, 3\)"):
+        Field(MESH, np.zeros((4, 2)), "temperature")
+    with pytest.raises(ValueError, match=r"vector field needs components of shape \(2,\) or"):
+        Field(MESH, np.zeros((4, 3, 4)), "velocity", value_type="vector")
+    cells = Field(MESH, np.zeros((3, 2, 3, 3)), "stress", value_type="tensor", location="cell")
+    assert cells.values.shape == (3, 2, 3, 3)
+    with pytest.raises(ValueError, match="field_id"):
+        Field(MESH, np.zeros((4, 3)), "no/slash")
+
+
+def test_meshes_reject_bad_geometry_and_round_trip():
+    with pytest.raises(ValueError, match=r"cells\['triangle'\] refers to vertices outside 0..2"):
+        UnstructuredMesh([[0, 0], [1, 0], [0, 1]], {"triangle": [[0, 1, 3]]})
+    with pytest.raises(ValueError, match="unknown cell type 'blob'"):
+        UnstructuredMesh([[0, 0]], {"blob": [[0]]})
+    with pytest.raises(ValueError, match="spacing needs 2 values"):
+        StructuredMesh((3, 3), spacing=(1.0,))
+    mesh = UnstructuredMesh([[0, 0], [1, 0], [0, 1], [1, 1]], {"quad": [[0, 1, 3, 2]]})
+    assert Mesh.from_wire(mesh.to_wire()) == mesh
+    assert Mesh.from_wire(MESH.to_wire()) == MESH
+    assert mesh.cell_shape == (1,)
+
+
+# --- the Application base -------------------------------------------------------------------
+
+def test_python_and_mupif_names_answer_alike():
+    ported = MupifStyle()
+    ported.solve_step(TimeStep(0.5, 0.5, 1))
+    assert ported.get_critical_time_step() == 0.5
+    assert ported.get_field("c", 0.5).values.max() == 0.5
+    counter = Counter()
+    counter.solveStep(TimeStep(0.25, 0.25, 1))
+    assert counter.getCriticalTimeStep() == 0.25
+    assert counter.getProperty("c", 0.25).getValue() == 0.25
+    assert counter.getField("c", 0.25).values.max() == 0.25
+
+
+def test_get_field_by_reference_writes_a_version_the_receiver_reads(tmp_path):
+    app = Counter()
+    app.field_store = FieldStore(tmp_path / "store")
+    app.solve_step(TimeStep(0.5, 0.5, 1))
+    ref = app.get_field("temperature", 0.5, mode="ref")
+    assert isinstance(ref, FieldRef) and ref.version == 1
+    np.testing.assert_array_equal(ref.read(), np.full(MESH.shape, 0.5))
+    receiver = Counter()
+    receiver.set_field(ref)  # a FieldRef is read before the author's set_field sees it
+    assert receiver.received == 0.5
+    with pytest.raises(ValueError, match="mode must be 'copy' or 'ref'"):
+        app.get_field("temperature", 0.5, mode="move")
+
+
+def test_background_step_runs_while_the_caller_goes_on_and_wait_reraises():
+    app = Counter()
+    started = time.perf_counter()
+    app.solve_step_in_background(TimeStep(0.3, 0.3, 1))
+    assert time.perf_counter() - started < 0.2
+    app.wait()
+    assert app.is_solved() and app.value == 0.3
+    app.solveStep(TimeStep(0.301, 0.001, 2), runInBackground=True)
+    with pytest.raises(ValueError, match="below this code's limit"):
+        app.wait()
+
+
+# --- the wire format ----------------------------------------------------------------------
+
+def test_wire_carries_appkit_objects_and_arrays_but_nothing_else(tmp_path):
+    mesh = UnstructuredMesh([[0, 0], [1, 0], [0, 1]], {"triangle": [[0, 1, 2]]})
+    ref = FieldStore(tmp_path).put(Field(MESH, np.ones(MESH.shape), "t"))
+    value = {"field": Field(mesh, np.arange(3.0), "c", units="mol"), "ref": ref,
+             "step": TimeStep(1.0, 0.1, 10), "prop": Property([1, 2], "p"),
+             "ints": np.arange(5, dtype=np.int32), "scalar": np.float32(2.5)}
+    header, buffers = encode(value)
+    back = decode(header, [bytes(b) for b in buffers])
+    assert back["field"].mesh == mesh and back["field"].units == "mol"
+    np.testing.assert_array_equal(back["field"].values, np.arange(3.0))
+    assert back["ref"] == ref and back["step"] == TimeStep(1.0, 0.1, 10)
+    assert back["ints"].dtype == np.int32 and back["scalar"] == 2.5
+    assert list(back["prop"].value) == [1, 2]
+    with pytest.raises(TypeError, match="cannot send a pathlib"):
+        encode({"path": tmp_path})
+
+
+# --- real application servers ----------------------------------------------------------------
+
+def server_environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, TOKEN_ENV: SECRET,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            **extra}
+
+
+@pytest.fixture
+def counter_server(tmp_path):
+    """A Counter served by a real server process; yields its endpoint."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gridcouple.appkit.server", "--app", "test_appkit_apps:Counter"],
+        env=server_environment(GRIDCOUPLE_FIELD_STORE=str(tmp_path / "fields")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert line, process.stderr.read()
+    yield process, json.loads(line)["endpoint"]
+    process.kill()
+    process.wait()
+
+
+def test_server_runs_calls_remotely_and_reports_remote_errors(counter_server, tmp_path):
+    process, endpoint = counter_server
+    app = ApplicationProxy(endpoint, SECRET, name="counter")
+    assert app.pid() == process.pid
+    app.solve_step(TimeStep(0.5, 0.5, 1))
+    app.solveStep(TimeStep(0.75, 0.25, 2))
+    assert app.get_property("concentration", 0.75).value == 0.75
+    copy = app.get_field("temperature", 0.75)
+    assert isinstance(copy, Field) and copy.mesh == MESH
+    np.testing.assert_array_equal(copy.values, np.full(MESH.shape, 0.75))
+    ref = app.get_field("temperature", 0.75, mode="ref")
+    assert isinstance(ref, FieldRef) and ref.store_url == str(tmp_path / "fields")
+    np.testing.assert_array_equal(ref.read(), copy.values)
+    other = FieldStore(tmp_path / "other").put(copy.with_values(np.full(MESH.shape, 3.0)))
+    app.set_field(other)
+    assert app.call("get_property", "x").value == 0.75
+    with pytest.raises(RemoteError, match=r"counter.solve_step: ValueError: dt 0.001") as err:
+        app.solve_step(TimeStep(0.751, 0.001, 3))
+    assert "Traceback" in err.value.remote_traceback
+    with pytest.raises(RemoteError, match="'_secret' is not a public method"):
+        app.call("_secret")
+    app.terminate()
+    assert process.wait(timeout=10) == 0
+
+
+def test_server_refuses_a_peer_without_the_secret(counter_server):
+    _, endpoint = counter_server
+    with pytest.raises(AuthenticationError):
+        ApplicationProxy(endpoint, "wrong-secret")
+    assert ApplicationProxy(endpoint, SECRET).get_critical_time_step() == 0.25
+
+
+def test_server_names_a_bad_application_target():
+    result = subprocess.run(
+        [sys.executable, "-m", "gridcouple.appkit.server", "--app", "test_appkit_apps:Nope"],
+        env=server_environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--app 'test_appkit_apps:Nope': test_appkit_apps has no Nope" in result.stderr
