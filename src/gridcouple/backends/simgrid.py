@@ -142,8 +142,8 @@ class SimGridBackend(Backend):
         ids = self.journal.add(self.name, specs, JobState.NEW)
         numbers = self.simulator.add(sim_jobs)
         self.numbers.update(zip(ids, numbers, strict=True))
-        self.journal.set_native_ids([(i, f"sim-{n}") for i, n in zip(ids, numbers, strict=True)],
-                                    JobState.QUEUED)
+        self.journal.set_native_ids(
+            [(i, f"sim-{n}", "") for i, n in zip(ids, numbers, strict=True)], JobState.QUEUED)
         return [record.job for record in self.journal.get(ids)]
 
     def query(self, records: Sequence[JobRecord]) -> dict[int, JobStatus]:

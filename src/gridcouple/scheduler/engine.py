@@ -158,6 +158,7 @@ class Simulator:
         self._queue: list[int] = []  # waiting jobs in the policy's order (fast path)
         self._ends: list[tuple[float, int]] = []  # expected ends of running jobs, sorted
         self._known = 0  # queued jobs refused with the current running set
+        self._doomed: set[int] = set()  # running jobs that will be killed at their limit
         self._waiting: dict[int, WaitingJob] = {}  # select() path
         self._running: dict[int, RunningJob] = {}
         self._idle = list(range(self.capacity))  # worker indices, fastest first
@@ -246,6 +247,7 @@ class Simulator:
         kill = self.kill_at_limit
         jobs = self.jobs
         waiting, running, completed = SimState.WAITING, SimState.RUNNING, SimState.COMPLETED
+        killed, doomed = SimState.KILLED, self._doomed
         heappush, heappop = heapq.heappush, heapq.heappop
         free, known, count = self.free, self._known, len(arrivals)
         done = 0
@@ -263,7 +265,7 @@ class Simulator:
                     continue
                 free += procs[number]
                 if state[number] == running:
-                    state[number] = completed
+                    state[number] = killed if number in doomed else completed
                 if fast:
                     ends.pop(bisect.bisect_left(ends, (expected_end(start[number],
                                                                      estimate[number]), number)))
@@ -302,7 +304,7 @@ class Simulator:
                 limit = jobs[number].limit
                 if kill and length > limit:
                     finish = now + limit
-                    state[number] = SimState.KILLED
+                    doomed.add(number)
                 end[number] = finish
                 heappush(due, (finish, number))
             if free < 0:
