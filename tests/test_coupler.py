@@ -1,0 +1,119 @@
+"""The coupler on the real local backend: application servers as jobs, calls, failures,
+teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gridcouple.appkit.data import TimeStep
+from gridcouple.coupler import (
+    ApplicationFailedError,
+    ApplicationStartError,
+    AppRequest,
+    Coupler,
+)
+from gridcouple.errors import ConfigError
+from gridcouple.jobs import JobState
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def config_file(tmp_path, monkeypatch):
+    """A local-backend configuration; servers import the test applications from tests/."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    path = tmp_path / "gridcouple.toml"
+    path.write_text('state_dir = "state"\n[backend.local]\nslots = 4\nidle_exit = 2\n'
+                    '[coupler]\njoin_timeout = 60\n')
+    return path
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def statuses_after(backend, jobs):
+    """The jobs' statuses from a fresh client of the (closed) backend's state directory."""
+    with type(backend)(backend.options, state_dir=backend.state_dir) as fresh:
+        return fresh.status(jobs)
+
+
+def test_allocate_several_call_remotely_and_leave_nothing_behind(config_file):
+    with Coupler.from_config(config_file) as coupler:
+        assert coupler.scheduler_address.startswith("tcp://127.0.0.1:")
+        first, second = coupler.allocate_many([
+            AppRequest("test_appkit_apps:Counter", name="one"),
+            AppRequest("test_appkit_apps:Counter", name="two")])
+        jobs = [m.job for m in coupler._members.values()]
+        assert [j.id for j in jobs] == [jobs[0].id, jobs[0].id + 1]  # one submission
+        first.solve_step(TimeStep(0.5, 0.5, 1))
+        second.set_field(first.get_field("temperature", 0.5, mode="ref"))
+        assert second.get_property("c").value == 0.0 and first.get_property("c").value == 0.5
+        pids = [first.pid(), second.pid()]
+        deadline = time.monotonic() + 20
+        while set(coupler.scheduler_members()) != {"one", "two"}:
+            assert time.monotonic() < deadline, coupler.scheduler_members()
+            time.sleep(0.05)
+        assert coupler.scheduler_members()["one"]["endpoint"] == first.endpoint
+        backend, store_root = coupler.backend, coupler._store_root
+    assert not any(alive(pid) for pid in pids)
+    assert all(s.state.is_final for s in statuses_after(backend, jobs))
+    assert not os.path.exists(store_root)
+
+
+def test_a_server_killed_mid_step_fails_the_call_within_5_s_with_its_story(config_file):
+    with Coupler.from_config(config_file) as coupler:
+        app = coupler.allocate("test_appkit_apps:Sleeper", name="victim")
+        pid = app.pid()
+        threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+        started = time.monotonic()
+        with pytest.raises(ApplicationFailedError) as failure:
+            app.solve_step(TimeStep(60.0, 60.0, 7))
+        assert time.monotonic() - started < 5.5
+        message = str(failure.value)
+        job = coupler._members["victim"].job
+        assert f"application victim (test_appkit_apps:Sleeper), job {job}" in message
+        assert "FAILED" in message and "solving step 7" in message
+        with pytest.raises(ApplicationFailedError):  # the proxy stays failed
+            app.get_critical_time_step()
+
+
+def test_a_server_that_fails_to_start_is_reported_with_its_stderr(config_file):
+    with Coupler.from_config(config_file) as coupler, \
+            pytest.raises(ApplicationStartError) as failure:
+        coupler.allocate("test_appkit_apps:BrokenAtStart")
+    message = str(failure.value)
+    assert "application brokenatstart" in message and "ended before it joined" in message
+    assert "no license for the solver found" in message
+
+
+def test_an_exception_in_the_block_still_ends_every_job(config_file):
+    with pytest.raises(RuntimeError, match="scenario bug"), \
+            Coupler.from_config(config_file) as coupler:
+        app = coupler.allocate("test_appkit_apps:Sleeper")
+        pid = app.pid()
+        app.solve_step_in_background(TimeStep(60.0, 60.0, 1))  # busy when we leave
+        job = coupler._members["sleeper"].job
+        backend = coupler.backend
+        raise RuntimeError("scenario bug")
+    assert not alive(pid)
+    assert statuses_after(backend, [job])[0].state in (JobState.COMPLETED, JobState.CANCELED)
+
+
+def test_listening_beyond_loopback_without_tls_is_a_config_error(tmp_path):
+    path = tmp_path / "gridcouple.toml"
+    path.write_text('[coupler]\nhost = "0.0.0.0"\n')
+    with pytest.raises(ConfigError, match=r"gridcouple.toml:2: \[coupler\] host: .*needs TLS"):
+        Coupler.from_config(path)
