@@ -23,7 +23,7 @@ from gridcouple.backends.slurm.script import (
 from gridcouple.backends.slurm.states import SLURM_STATES, decode_wait_status, to_job_state
 from gridcouple.config import load_config
 from gridcouple.errors import BackendError, ConfigError
-from gridcouple.jobs import JobSpec, JobState, Resources
+from gridcouple.jobs import JobSpec, JobState, JobStatus, Resources
 
 NASTY = "it's $(touch pwned) `id` \"q\" ; & | \\ *\n二"
 
@@ -146,10 +146,11 @@ def test_squeue_lines_and_array_remainders():
             "13_[2-3,7%4]|PENDING|Resources|0|2026-01-02T03:04:05|N/A|N/A|\n")
     rows = parse_squeue(text, with_comment=False)
     assert sorted(rows) == ["12", "13_2", "13_3", "13_7"]
-    failed = rows["12"]
-    assert (failed.state, failed.wait_status, failed.host) == ("FAILED", 768, "vm")
+    failed = rows["12"].status(JobStatus(JobState.QUEUED))
+    assert (failed.state, failed.exit_code, failed.host) == (JobState.FAILED, 3, "vm")
     assert failed.end_time - failed.start_time == 1
-    assert rows["13_7"].start_time is None and rows["13_7"].reason == "Resources"
+    waiting = rows["13_7"].status(JobStatus(JobState.QUEUED))
+    assert (waiting.describe(), waiting.start_time) == ("QUEUED: PENDING (Resources)", None)
 
 
 def test_native_id_lists_compact_and_expand():

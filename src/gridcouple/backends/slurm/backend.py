@@ -23,8 +23,10 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from datetime import datetime
+from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from gridcouple.backends.base import Backend, Backoff, output_file, working_directory
 from gridcouple.backends.slurm.script import (
@@ -112,25 +114,26 @@ def sbatch_options(spec: JobSpec, options: SlurmOptions) -> tuple[str, ...]:
     return (*chosen, *options.extra_directives, *extra)
 
 
-@dataclass(frozen=True)
-class SqueueRow:
-    """One line of squeue: a job or one array task."""
+class SqueueRow(NamedTuple):
+    """One line of squeue (a job or one array task), as squeue printed it: rows are parsed
+    for every job of the user, values only for the jobs asked about."""
 
     state: str
     reason: str
-    wait_status: int
-    submit_time: float | None
-    start_time: float | None
-    end_time: float | None
+    wait_status: str
+    submit_time: str
+    start_time: str
+    end_time: str
     host: str
     comment: str = ""
 
     def status(self, previous: JobStatus) -> JobStatus:
         """Our status for this row."""
-        exit_code, signal = decode_wait_status(self.wait_status)
+        exit_code, signal = decode_wait_status(int(self.wait_status or 0))
         return slurm_status(self.state, self.reason, previous, exit_code=exit_code,
-                            signal=signal, submit_time=self.submit_time,
-                            start_time=self.start_time, end_time=self.end_time, host=self.host)
+                            signal=signal, submit_time=_slurm_time(self.submit_time),
+                            start_time=_slurm_time(self.start_time),
+                            end_time=_slurm_time(self.end_time), host=self.host)
 
 
 def parse_squeue(text: str, with_comment: bool) -> dict[str, SqueueRow]:
@@ -139,17 +142,14 @@ def parse_squeue(text: str, with_comment: bool) -> dict[str, SqueueRow]:
     rows: dict[str, SqueueRow] = {}
     width = len(_SQUEUE_FIELDS) + with_comment
     for line in text.splitlines():
-        parts = line.split("|", width - 1)
+        parts = [part.strip() for part in line.split("|", width - 1)]
         if len(parts) != width:
             continue
-        native, state, reason, wait_status, submit, start, end, host, *comment = parts
-        row = SqueueRow(state=state.strip(), reason=reason.strip(),
-                        wait_status=int(wait_status) if wait_status.strip().isdigit() else 0,
-                        submit_time=_slurm_time(submit), start_time=_slurm_time(start),
-                        end_time=_slurm_time(end), host=host.strip(),
-                        comment=comment[0].strip() if comment else "")
-        for native_id in expand_native_ids(native.strip()):
-            rows[native_id] = row
+        row = SqueueRow(*parts[1:])
+        if parts[0].endswith("]"):
+            rows.update((native_id, row) for native_id in expand_native_ids(parts[0]))
+        else:
+            rows[parts[0]] = row
     return rows
 
 
@@ -188,10 +188,11 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ",".join(spans)
 
 
+@lru_cache(maxsize=4096)
 def _slurm_time(text: str) -> float | None:
-    text = text.strip()
+    """Seconds since the epoch from Slurm's local ``2026-01-02T03:04:05`` (None for N/A ...)."""
     try:
-        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+        return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:  # N/A, NONE, Unknown
         return None
 
