@@ -166,6 +166,8 @@ async def _join(address: str, token: str, name: str, endpoint: str) -> None:
                                "pid": os.getpid(), "host": socket.gethostname(),
                                "proof": join_proof(token, name, endpoint), "reply": False}
     await comm.write(message)
+    import zarr  # noqa: F401  (now, not in the first get_field(mode="ref"))
+
     with contextlib.suppress(CommClosedError):
         await comm.read()  # returns when the scheduler closes the comm
 
