@@ -431,17 +431,17 @@ class SlurmBackend(Backend):
         if not native:
             return
         if signal:
-            self._scontrol_like("scancel", [f"--signal={signal}", "--full"], native)
+            self._job_command("scancel", [f"--signal={signal}", "--full"], native)
             self.wait(jobs, timeout=grace)
-        self._scontrol_like("scancel", [], native)
+        self._job_command("scancel", [], native)
 
     def hold(self, jobs: Sequence[Job]) -> None:
         """scontrol hold: waiting jobs stay PENDING (JobHeldAdmin/JobHeldUser) until released."""
-        self._scontrol_like("scontrol", ["hold"], self._native_ids(jobs))
+        self._job_command("scontrol", ["hold"], self._native_ids(jobs))
 
     def release(self, jobs: Sequence[Job]) -> None:
         """scontrol release: held jobs may start again."""
-        self._scontrol_like("scontrol", ["release"], self._native_ids(jobs))
+        self._job_command("scontrol", ["release"], self._native_ids(jobs))
 
     def _native_ids(self, jobs: Sequence[Job]) -> list[str]:
         """The jobs' native ids from the journal (finding those a dead submitter left out)."""
@@ -452,7 +452,7 @@ class SlurmBackend(Backend):
         return [r.job.native_id for r in records
                 if r.job.native_id and not r.status.state.is_final]
 
-    def _scontrol_like(self, tool: str, args: list[str], native: Sequence[str]) -> None:
+    def _job_command(self, tool: str, args: list[str], native: Sequence[str]) -> None:
         """Run scancel or scontrol on job lists; jobs that already ended are not an error."""
         if not native:
             return
