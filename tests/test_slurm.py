@@ -92,9 +92,15 @@ def test_cancel_after_a_signal_and_wait_timeout(backend):
     assert "got USR1" in backend.read_output(job)
 
 
-def test_array_of_200_is_one_sbatch_call(backend):
+def test_array_of_200_is_one_sbatch_call_and_one_squeue_per_poll(backend, tmp_path):
     jobs = backend.submit([JobSpec(argv=("echo", f"task {i}"), name="many") for i in range(200)])
     assert len({job.native_id.split("_")[0] for job in jobs}) == 1
+    counting = ("open(__file__ + '.calls', 'a').write('call\\n')\n"
+                "import os\nos.execv(REAL, [REAL, *sys.argv[1:]])\n")
+    bin_dir = wrapped_bin_dir(tmp_path / "bin", counting)
+    with SlurmBackend(SlurmOptions(bin_dir=bin_dir), state_dir=backend.state_dir) as counted:
+        assert len(counted.status(jobs)) == 200
+    assert (bin_dir / "squeue.calls").read_text() == "call\n"
     statuses = backend.wait(jobs, timeout=100)
     assert [s.state for s in statuses] == [JobState.COMPLETED] * 200
     assert [backend.read_output(j) for j in jobs] == [f"task {i}\n" for i in range(200)]
@@ -144,8 +150,8 @@ class FaultBackendDiesAfterSbatch(SlurmBackend):
 
 
 def test_jobs_of_a_submitter_that_died_after_sbatch_are_found(backend):
-    dying = FaultBackendDiesAfterSbatch(SlurmOptions(), state_dir=backend.state_dir)
-    with pytest.raises(FaultSubmitterDies):
+    with (FaultBackendDiesAfterSbatch(SlurmOptions(), state_dir=backend.state_dir) as dying,
+          pytest.raises(FaultSubmitterDies)):
         dying.submit([JobSpec(argv=("echo", str(i)), name="orphan") for i in range(3)])
     orphans = [r.job for r in backend.journal.records("slurm") if r.job.spec.name == "orphan"]
     assert [j.native_id for j in orphans] == ["", "", ""]
@@ -179,8 +185,9 @@ def test_sbatch_error_carries_slurms_message(backend):
     assert "Invalid partition name specified" in record.status.reason
 
 
-def fault_bin_dir(path, squeue_body: str):
-    """Slurm's real commands, except squeue, which runs ``squeue_body`` (Python)."""
+def wrapped_bin_dir(path, squeue_body: str):
+    """Slurm's real commands, except squeue, which runs ``squeue_body`` (Python; ``REAL`` is
+    the real squeue): a fault the real cluster cannot be made to show on demand."""
     path.mkdir()
     for tool in ("sbatch", "scontrol", "scancel", "sacct"):
         (path / tool).symlink_to(shutil.which(tool))
@@ -195,9 +202,9 @@ def test_failing_squeue_marks_nothing_failed(backend, tmp_path):
     job, = backend.submit([JobSpec(argv=("sleep", "2"), name="survives")])
     body = ('sys.stderr.write("squeue: error: Unable to contact slurm controller")\n'
             "sys.exit(1)\n")
-    down = SlurmBackend(SlurmOptions(bin_dir=fault_bin_dir(tmp_path / "bin", body)),
-                        state_dir=backend.state_dir)
-    with pytest.raises(QueryUnavailableError, match="Unable to contact slurm controller"):
+    with (SlurmBackend(SlurmOptions(bin_dir=wrapped_bin_dir(tmp_path / "bin", body)),
+                       state_dir=backend.state_dir) as down,
+          pytest.raises(QueryUnavailableError, match="Unable to contact slurm controller")):
         down.status([job])
     assert not backend.journal.get([job.id])[0].status.state.is_final
     assert backend.wait([job], timeout=60)[0].state is JobState.COMPLETED
@@ -212,17 +219,32 @@ def test_job_purged_from_squeue_is_resolved_by_its_exit_code_file(backend, tmp_p
             "sys.stdout.write(''.join(line for line in proc.stdout.splitlines(True)\n"
             "                         if line.split('|')[0] not in forget))\n"
             "sys.exit(proc.returncode)\n")
-    bin_dir = fault_bin_dir(tmp_path / "bin", body)
+    bin_dir = wrapped_bin_dir(tmp_path / "bin", body)
     (bin_dir / "squeue.forget").write_text(" ".join(j.native_id for j in jobs))
     homes = [backend.job_home(j.id) / "exit_code" for j in jobs]
     deadline = time.monotonic() + 60
     while not all(h.exists() for h in homes) and time.monotonic() < deadline:
         time.sleep(0.2)
-    forgetful = SlurmBackend(SlurmOptions(bin_dir=bin_dir), state_dir=backend.state_dir)
-    failed, done = forgetful.status(jobs)
+    with SlurmBackend(SlurmOptions(bin_dir=bin_dir), state_dir=backend.state_dir) as forgetful:
+        failed, done = forgetful.status(jobs)
     assert (failed.state, failed.exit_code, failed.native_state) == (JobState.FAILED, 3, "")
     assert "exit-code file" in failed.reason
     assert (done.state, done.exit_code) == (JobState.COMPLETED, 0)
+
+
+class FaultSmallArrays(SlurmBackend):
+    """A cluster whose MaxArraySize is 3 (the test cluster's is 10001)."""
+
+    max_array_size = 3
+
+
+def test_arrays_are_split_at_max_array_size(backend):
+    with FaultSmallArrays(SlurmOptions(), state_dir=backend.state_dir) as small:
+        jobs = small.submit([JobSpec(argv=("echo", str(i)), name="split") for i in range(7)])
+        ids = [job.native_id.split("_")[0] for job in jobs]
+        assert [ids.count(i) for i in dict.fromkeys(ids)] == [3, 3, 1]
+        assert [s.state for s in small.wait(jobs, timeout=60)] == [JobState.COMPLETED] * 7
+        assert [small.read_output(j) for j in jobs] == [f"{i}\n" for i in range(7)]
 
 
 def test_walltime_ends_in_timeout(cluster):
