@@ -1,0 +1,308 @@
+"""Remote calls and field exchange between two processes on loopback, against the peers in
+the same run: Pyro5 (MuPIF's transport), a dask actor, a raw TCP socket, memcpy.
+
+Measures (medians; the machine is shared and noisy, so read the ratios):
+
+- remote call latency of a trivial method (target: <= 100 us);
+- a 256 MiB float64 field, all of it read by the receiver: ``copy`` through the direct channel
+  (target: >= 0.8x raw TCP) and ``ref`` read by the receiver straight from the zarr store
+  (target: >= 1.5 GB/s; the producer's write of the version is reported beside it);
+- application server start to usable proxy on the local backend (target: <= 0.8 s), against a
+  bare dask worker joining the same scheduler, and against our server as a plain subprocess.
+
+Run: ``.venv/bin/python benchmarks/exchange.py`` (needs the bench extra for Pyro5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from gridcouple.appkit.application import Application
+from gridcouple.appkit.data import Field, StructuredMesh
+
+HERE = Path(__file__).resolve().parent
+FIELD_SHAPE = (4096, 8192)  # 256 MiB of float64
+FIELD_BYTES = FIELD_SHAPE[0] * FIELD_SHAPE[1] * 8
+SECRET = "benchmark-secret"
+
+
+class BenchApp(Application):
+    """The application under test: a trivial method and one big field."""
+
+    def __init__(self) -> None:
+        self.field: Field | None = None
+
+    def ping(self) -> int:
+        return 1
+
+    def make_field(self) -> None:
+        values = np.random.default_rng(0).random(FIELD_SHAPE)
+        self.field = Field(StructuredMesh(FIELD_SHAPE), values, "big")
+
+    def get_field(self, field_id: str, time: float) -> Field:
+        assert self.field is not None
+        return self.field
+
+
+class PyroBench:
+    """The Pyro5 peer's object (MuPIF serves applications like this)."""
+
+    def __init__(self) -> None:
+        self.payload = np.random.default_rng(0).random(FIELD_SHAPE).tobytes()
+
+    def ping(self) -> int:
+        return 1
+
+    def array_bytes(self) -> bytes:
+        return self.payload
+
+
+class ActorBench:
+    """The dask actor peer."""
+
+    def __init__(self) -> None:
+        self.payload = np.random.default_rng(0).random(FIELD_SHAPE)
+
+    def ping(self) -> int:
+        return 1
+
+    def array(self) -> np.ndarray:
+        return self.payload
+
+
+# --- peer servers (run as subprocesses of this file) -----------------------------------------
+
+def serve_pyro() -> None:
+    import Pyro5.api
+
+    daemon = Pyro5.api.Daemon(host="127.0.0.1")
+    uri = daemon.register(Pyro5.api.expose(PyroBench)())
+    print(uri, flush=True)
+    daemon.requestLoop()
+
+
+def serve_tcp() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(listener.getsockname()[1], flush=True)
+    payload = np.random.default_rng(0).random(FIELD_SHAPE)
+    sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        request = sock.recv(1)
+        if not request:
+            return
+        if request == b"p":
+            sock.sendall(b"p")
+        else:
+            sock.sendall(memoryview(payload).cast("B"))
+
+
+def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
+    line = process.stdout.readline().strip()
+    if not line:
+        raise RuntimeError(f"{argv} did not start")
+    return process, line
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+def latency_us(call: Callable[[], object], count: int) -> float:
+    for _ in range(min(200, count)):
+        call()
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e6
+
+
+def throughput(transfer: Callable[[], object], repeats: int) -> float:
+    """Median GB/s of moving FIELD_BYTES."""
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        transfer()
+        samples.append(time.perf_counter() - started)
+    return FIELD_BYTES / statistics.median(samples) / 1e9
+
+
+def run(args: argparse.Namespace) -> None:
+    from gridcouple.appkit.transport import TOKEN_ENV, ApplicationProxy
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    store = tempfile.mkdtemp(prefix="gridcouple-bench-", dir="/dev/shm"
+                             if os.path.isdir("/dev/shm") else None)
+    results: dict[str, float] = {}
+    processes = []
+    try:
+        ours, line = start([sys.executable, "-m", "gridcouple.appkit.server",
+                            "--app", "exchange:BenchApp"],
+                           {TOKEN_ENV: SECRET, "GRIDCOUPLE_FIELD_STORE": store})
+        processes.append(ours)
+        proxy = ApplicationProxy(json.loads(line)["endpoint"], SECRET, name="bench")
+        results["latency ours"] = latency_us(proxy.ping, args.calls)
+
+        pyro, uri = start([sys.executable, __file__, "--serve-pyro"])
+        processes.append(pyro)
+        import Pyro5.api
+
+        pyro_proxy = Pyro5.api.Proxy(uri)
+        results["latency Pyro5"] = latency_us(pyro_proxy.ping, args.calls)
+
+        tcp, port = start([sys.executable, __file__, "--serve-tcp"])
+        processes.append(tcp)
+        raw = socket.create_connection(("127.0.0.1", int(port)))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def raw_ping() -> None:
+            raw.sendall(b"p")
+            raw.recv(1)
+
+        results["latency raw TCP"] = latency_us(raw_ping, args.calls)
+
+        def raw_field() -> np.ndarray:
+            out = np.empty(FIELD_SHAPE)
+            view = memoryview(out).cast("B")
+            raw.sendall(b"f")
+            done = 0
+            while done < FIELD_BYTES:
+                done += raw.recv_into(view[done:])
+            return out
+
+        proxy.make_field()
+        results["field raw TCP"] = throughput(raw_field, args.repeats)
+        results["field copy"] = throughput(lambda: proxy.get_field("big", 0.0), args.repeats)
+        refs = []
+        results["field ref write"] = throughput(
+            lambda: refs.append(proxy.get_field("big", 0.0, mode="ref")), args.repeats)
+        results["field ref read"] = throughput(lambda: refs[-1].read(), args.repeats)
+        source = np.random.default_rng(0).random(FIELD_SHAPE)
+        target = np.empty_like(source)
+        results["field memcpy"] = throughput(lambda: np.copyto(target, source), args.repeats)
+        import serpent  # Pyro5's serializer sends bytes base64-encoded
+
+        results["field Pyro5"] = throughput(
+            lambda: np.frombuffer(serpent.tobytes(pyro_proxy.array_bytes())), 1)
+        _dask_actor(args, results)
+        _start_times(args, results)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)
+    report(results)
+
+
+def _dask_actor(args: argparse.Namespace, results: dict[str, float]) -> None:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        actor = client.submit(ActorBench, actor=True).result()
+        results["latency dask actor"] = latency_us(lambda: actor.ping().result(),
+                                                   max(50, args.calls // 10))
+        results["field dask actor"] = throughput(lambda: actor.array().result(), 1)
+
+
+def _start_times(args: argparse.Namespace, results: dict[str, float]) -> None:
+    """Server start to usable proxy: on the local backend, as a plain subprocess, and a bare
+    dask worker joining the coupler's scheduler."""
+    from gridcouple.appkit.transport import TOKEN_ENV, ApplicationProxy
+    from gridcouple.coupler import Coupler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "gridcouple.toml"
+        config.write_text('state_dir = "state"\n[backend.local]\nslots = 8\nidle_exit = 2\n')
+        with Coupler.from_config(config) as coupler:
+            coupler.backend.wake_daemon()  # a daemon already running, as in steady use
+            samples = []
+            for index in range(args.starts):
+                started = time.perf_counter()
+                coupler.allocate("exchange:BenchApp", name=f"start{index}").ping()
+                samples.append(time.perf_counter() - started)
+            results["start local backend"] = statistics.median(samples)
+            samples = []
+            for index in range(args.starts):
+                started = time.perf_counter()
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "distributed.cli.dask_worker",
+                     coupler.scheduler_address, "--nthreads", "1", "--no-nanny",
+                     "--no-dashboard", "--name", f"bare{index}"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                while not any(w.name == f"bare{index}"
+                              for w in coupler._scheduler.workers.values()):
+                    time.sleep(0.002)
+                samples.append(time.perf_counter() - started)
+                worker.terminate()
+                worker.wait()
+            results["start bare dask worker"] = statistics.median(samples)
+    samples = []
+    for _ in range(args.starts):
+        started = time.perf_counter()
+        process, line = start([sys.executable, "-m", "gridcouple.appkit.server",
+                               "--app", "exchange:BenchApp"], {TOKEN_ENV: SECRET})
+        ApplicationProxy(json.loads(line)["endpoint"], SECRET).ping()
+        samples.append(time.perf_counter() - started)
+        process.kill()
+        process.wait()
+    results["start plain subprocess"] = statistics.median(samples)
+
+
+def report(results: dict[str, float]) -> None:
+    ours = results["latency ours"]
+    print(f"remote call latency, median over calls (target <= 100 us): ours {ours:.1f} us")
+    for peer in ("Pyro5", "dask actor", "raw TCP"):
+        value = results[f"latency {peer}"]
+        print(f"  {peer:<12} {value:9.1f} us   ours / {peer} = {ours / value:.2f}")
+    print("256 MiB float64 field, GB/s (medians; 1 GB = 1e9 bytes):")
+    print(f"  copy (direct channel)   {results['field copy']:6.2f}   ours / raw TCP = "
+          f"{results['field copy'] / results['field raw TCP']:.2f} (target >= 0.8)")
+    print(f"  ref, receiver reads     {results['field ref read']:6.2f}   target >= 1.5 GB/s; "
+          f"ref read / memcpy = {results['field ref read'] / results['field memcpy']:.2f}")
+    print(f"  ref, producer writes    {results['field ref write']:6.2f}   (once per version)")
+    for peer in ("raw TCP", "memcpy", "Pyro5", "dask actor"):
+        value = results[f"field {peer}"]
+        print(f"  {peer:<23} {value:6.2f}   copy / {peer} = {results['field copy'] / value:.2f}")
+    start = results["start local backend"]
+    print(f"application server start to usable proxy (target <= 0.8 s): local backend "
+          f"{start:.3f} s")
+    for peer in ("bare dask worker", "plain subprocess"):
+        value = results[f"start {peer}"]
+        print(f"  {peer:<18} {value:.3f} s   ours / {peer} = {start / value:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=3000, help="calls per latency figure")
+    parser.add_argument("--repeats", type=int, default=3, help="transfers per field figure")
+    parser.add_argument("--starts", type=int, default=5, help="starts per start-time figure")
+    parser.add_argument("--serve-pyro", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-tcp", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_pyro:
+        serve_pyro()
+    elif args.serve_tcp:
+        serve_tcp()
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
