@@ -50,7 +50,6 @@ _SQUEUE_FIELDS = ("JobArrayID", "State", "Reason", "exit_code", "SubmitTime", "S
                   "EndTime", "NodeList")
 _PER_JOB_KEYS = ("partition", "account", "qos", "constraint")
 _ATTRIBUTES = (*_PER_JOB_KEYS, "extra_directives")
-_UNSUBMITTED_GRACE = 120.0  # seconds a NEW job without native id may still be in sbatch
 _IGNORED_SCANCEL = ("already completing or completed", "Invalid job id specified")
 
 
@@ -249,8 +248,10 @@ class SlurmBackend(Backend):
         try:
             for job_id, spec in zip(ids, specs, strict=True):
                 self._prepare(job_id, spec)
-        except BackendError as exc:
+        except (BackendError, OSError) as exc:
             self._mark_unsubmitted(ids, exc)
+            if isinstance(exc, OSError):
+                raise BackendError(f"cannot write the job scripts: {exc}") from exc
             raise
         groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
         for index, shape in enumerate(shapes):
@@ -260,6 +261,7 @@ class SlurmBackend(Backend):
             size = self.max_array_size if len(members) > 1 else 1
             chunks += [(shape, members[i : i + size]) for i in range(0, len(members), size)]
         native: dict[int, str] = {}
+        chunk_ids: list[int] = []
         try:
             for shape, members in chunks:
                 chunk_ids = [ids[i] for i in members]
@@ -272,7 +274,10 @@ class SlurmBackend(Backend):
                     native.update((job_id, f"{array_id}_{task}")
                                   for task, job_id in enumerate(chunk_ids))
         except BackendError as exc:
-            self._mark_unsubmitted([i for i in ids if i not in native], exc)
+            # sbatch that did not answer may have queued the chunk: it stays NEW, and the next
+            # status finds it through its comment (or fails it after a grace period).
+            unsure = set(chunk_ids) if isinstance(exc, QueryUnavailableError) else set()
+            self._mark_unsubmitted([i for i in ids if i not in native and i not in unsure], exc)
             raise
         finally:
             self._store_native_ids(native)
@@ -335,8 +340,8 @@ class SlurmBackend(Backend):
             if row is not None:
                 result[record.job.id] = row.status(record.status)
             elif record.job.id in native or time.time() - (
-                    record.status.submit_time or 0) > _UNSUBMITTED_GRACE:
-                gone.append(record)
+                    record.status.submit_time or 0) > 2 * self.options.command_timeout:
+                gone.append(record)  # a NEW job without native id may still be in sbatch
         if gone and self.accounting:
             result.update(self._sacct(gone, native))
             gone = [r for r in gone if r.job.id not in result]
@@ -485,9 +490,9 @@ class SlurmBackend(Backend):
     def _run(self, tool: str, args: Sequence[str], *, unavailable: bool = False,
              check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run one Slurm command. Its failure raises BackendError with Slurm's own message, or
-        QueryUnavailableError (``unavailable``) when it only means "no answer right now"."""
+        QueryUnavailableError when it only means "no answer right now": a timeout, or any
+        failure of a query (``unavailable``)."""
         command = str(self.options.bin_dir / tool) if self.options.bin_dir else tool
-        error = QueryUnavailableError if unavailable else BackendError
         try:
             proc = subprocess.run([command, *args], capture_output=True, text=True,
                                   timeout=self.options.command_timeout)
@@ -496,9 +501,11 @@ class SlurmBackend(Backend):
             raise BackendError(f"{tool} is not {where}: is Slurm installed? ([backend.slurm] "
                                "bin_dir)") from None
         except subprocess.TimeoutExpired:
-            raise error(f"{tool} did not answer within {self.options.command_timeout:g} s "
-                        "([backend.slurm] command_timeout)") from None
+            raise QueryUnavailableError(f"{tool} did not answer within "
+                                        f"{self.options.command_timeout:g} s ([backend.slurm] "
+                                        "command_timeout)") from None
         if check and proc.returncode:
             message = _one_line(proc.stderr) or _one_line(proc.stdout) or "no message"
+            error = QueryUnavailableError if unavailable else BackendError
             raise error(f"{tool} failed (exit code {proc.returncode}): {message}")
         return proc
