@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import enum
 import heapq
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +151,8 @@ class Simulator:
         self._uniform = self.machine.uniform and self.duration is None
         self._procs: list[int] = []
         self._estimate: list[float] = []
+        self._work: list[float] = []
+        self._limit: list[float] = []
         self._arrivals: list[tuple[float, int]] = []  # sorted by time, consumed from _next
         self._next = 0
         self._due: list[tuple[float, int]] = []  # heap of (end, job) for running jobs
@@ -183,20 +184,17 @@ class Simulator:
         first = len(self.jobs)
         numbers = range(first, first + len(jobs))
         self.jobs.extend(jobs)
-        self._procs.extend(job.procs for job in jobs)
-        self._estimate.extend(job.estimate for job in jobs)
+        self._procs.extend([job.procs for job in jobs])
+        self._estimate.extend([job.estimate for job in jobs])
+        self._work.extend([job.work for job in jobs])
+        self._limit.extend([job.limit for job in jobs])
         self.start.extend([math.nan] * len(jobs))
         self.end.extend([math.nan] * len(jobs))
         self.state.extend([SimState.PENDING] * len(jobs))
-        arrivals = self._arrivals
-        new = [(job.submit, number) for job, number in zip(jobs, numbers, strict=True)]
-        after_pending = self._next == len(arrivals) or not new or arrivals[-1] <= new[0]
-        if after_pending and all(a <= b for a, b in itertools.pairwise(new)):
-            arrivals.extend(new)
-        else:
-            waiting = sorted(arrivals[self._next:] + new)
-            del arrivals[self._next:]
-            arrivals.extend(waiting)
+        pending = self._arrivals[self._next:]
+        pending += [(job.submit, number) for job, number in zip(jobs, numbers, strict=True)]
+        pending.sort()  # Timsort: linear when the jobs come in submit order
+        self._arrivals[self._next:] = pending
         return numbers
 
     def cancel(self, number: int) -> None:
@@ -244,15 +242,14 @@ class Simulator:
         queue, ends = self._queue, self._ends
         fast, by_estimate, uniform = self._fast, self._by_estimate, self._uniform
         pick = self.policy.pick if fast else None  # type: ignore[attr-defined]
-        kill = self.kill_at_limit
+        work, limit, kill = self._work, self._limit, self.kill_at_limit
         jobs = self.jobs
         waiting, running, completed = SimState.WAITING, SimState.RUNNING, SimState.COMPLETED
         killed, doomed = SimState.KILLED, self._doomed
-        heappush, heappop = heapq.heappush, heapq.heappop
-        free, known, count = self.free, self._known, len(arrivals)
+        heappush, heappop, bisect_left = heapq.heappush, heapq.heappop, bisect.bisect_left
+        free, known, nxt, count = self.free, self._known, self._next, len(arrivals)
         done = 0
         while steps is None or done < steps:
-            nxt = self._next
             now = arrivals[nxt][0] if nxt < count else INFINITY
             if due and due[0][0] < now:
                 now = due[0][0]
@@ -267,8 +264,8 @@ class Simulator:
                 if state[number] == running:
                     state[number] = killed if number in doomed else completed
                 if fast:
-                    ends.pop(bisect.bisect_left(ends, (expected_end(start[number],
-                                                                     estimate[number]), number)))
+                    ends.pop(bisect_left(ends, (expected_end(start[number], estimate[number]),
+                                                number)))
                 else:
                     del self._running[number]
                 if not uniform:
@@ -286,7 +283,6 @@ class Simulator:
                     bisect.insort(queue, number, key=estimate.__getitem__)
                 else:
                     queue.append(number)
-            self._next = nxt
             if fast:
                 started = pick(now, queue, procs, estimate, free, ends, known)
             else:
@@ -296,14 +292,13 @@ class Simulator:
                 state[number] = running
                 start[number] = now
                 if uniform:
-                    length = jobs[number].work
+                    length = work[number]
                     finish = now + length
                 else:
                     finish = self._place(number, now)
                     length = finish - now
-                limit = jobs[number].limit
-                if kill and length > limit:
-                    finish = now + limit
+                if kill and length > limit[number]:
+                    finish = now + limit[number]
                     doomed.add(number)
                 end[number] = finish
                 heappush(due, (finish, number))
@@ -312,7 +307,7 @@ class Simulator:
                                       f"{now}")
             known = 0 if by_estimate else len(queue)
             done += 1
-        self.free, self._known = free, known
+        self.free, self._known, self._next = free, known, nxt
         return done
 
     # --- the select() path ----------------------------------------------------------------

@@ -26,6 +26,7 @@ import importlib
 import math
 from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import ClassVar, Protocol
 
 from gridcouple.errors import ConfigError
@@ -180,17 +181,24 @@ class EASY(QueuePolicy):
 
     name = "easy"
 
+    def __init__(self) -> None:
+        self.reservation: tuple[int, float, int] | None = None  # (head, shadow, extra) left
+
     def pick(self, now, queue, procs, estimate, free, ends, known=0):
         started, free = start_in_order(now, queue, procs, estimate, free, ends)
         if len(queue) < 2 or free == 0:
+            self.reservation = None
             return started
-        shadow, extra, ahead = shadow_time(now, procs[queue[0]], free, procs, ends)
-        first = max(1, known) if ahead and not started else 1
+        last = self.reservation
+        if known and not started and last is not None and last[0] == queue[0] and last[1] > now:
+            shadow, extra, first = last[1], last[2], known  # nothing changed but the clock
+        else:
+            shadow, extra, ahead = shadow_time(now, procs[queue[0]], free, procs, ends)
+            first = max(1, known) if ahead and not started else 1
         limit = shadow - now
-        taken = []
         insort = bisect.insort
-        for position in range(first, len(queue)):
-            key = queue[position]
+        count = len(started)
+        for key in islice(queue, first, None):
             need = procs[key]
             if need > free:
                 continue
@@ -200,12 +208,13 @@ class EASY(QueuePolicy):
                     continue
                 extra -= need
             free -= need
-            taken.append(position)
+            started.append(key)
             insort(ends, (expected_end(now, length), key))
             if free == 0:
                 break
-        for position in reversed(taken):
-            started.append(queue.pop(position))
+        for key in started[count:]:
+            queue.remove(key)
+        self.reservation = (queue[0], shadow, extra) if shadow > now else None
         return started
 
 
