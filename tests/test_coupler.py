@@ -4,14 +4,19 @@ teardown."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import require_service
 from gridcouple.appkit.data import TimeStep
+from gridcouple.appkit.transport import ApplicationProxy, TransportError
 from gridcouple.coupler import (
     ApplicationFailedError,
     ApplicationStartError,
@@ -117,3 +122,27 @@ def test_listening_beyond_loopback_without_tls_is_a_config_error(tmp_path):
     path.write_text('[coupler]\nhost = "0.0.0.0"\n')
     with pytest.raises(ConfigError, match=r"gridcouple.toml:2: \[coupler\] host: .*needs TLS"):
         Coupler.from_config(path)
+
+
+def test_with_tls_configured_the_scheduler_and_the_direct_channels_use_it(config_file):
+    require_service("openssl", shutil.which("openssl") is not None,
+                    "the openssl command makes the test certificate")
+    directory = config_file.parent
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", "key.pem", "-out", "cert.pem", "-subj", "/CN=gridcouple-test"],
+                   cwd=directory, check=True, capture_output=True)
+    config_file.write_text(config_file.read_text() + 'tls_ca_file = "cert.pem"\n'
+                           'tls_cert = "cert.pem"\ntls_key = "key.pem"\n')
+    with Coupler.from_config(config_file) as coupler:
+        assert coupler.scheduler_address.startswith("tls://127.0.0.1:")
+        app = coupler.allocate("test_appkit_apps:Counter", name="secure")
+        assert app.get_critical_time_step() == 0.25
+        assert isinstance(app._channel.sock, ssl.SSLSocket)
+        anonymous = ssl.create_default_context(cafile=directory / "cert.pem")
+        anonymous.check_hostname = False
+        with pytest.raises(TransportError):  # the right secret without a certificate: refused
+            ApplicationProxy(app.endpoint, coupler._members["secure"].token, tls=anonymous)
+        deadline = time.monotonic() + 20
+        while "secure" not in coupler.scheduler_members():  # joined the scheduler over TLS
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

@@ -98,3 +98,12 @@ def test_a_version_opens_in_xarray_with_its_coordinates(tmp_path):
     np.testing.assert_allclose(dataset["x"].values, 1.0 + 0.5 * np.arange(64))
     np.testing.assert_array_equal(dataset["temperature"].values, temperature(5.0).values)
     assert dataset.attrs["gridcouple"]["units"] == "K"
+
+
+def test_an_fsspec_store_commits_versions_in_place(tmp_path):
+    store = FieldStore("memory://gridcouple-test-store")
+    first = store.put(temperature(1.0, 0.1))
+    store.put(temperature(2.0, 0.2))
+    assert store.versions("temperature") == [first.version, first.version + 1]
+    np.testing.assert_array_equal(first.read(), temperature(1.0).values)
+    assert store.get("temperature").time == 0.2

@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from typing import Any
@@ -37,6 +38,7 @@ from gridcouple.appkit.transport import (
     TransportError,
     connect,
     local_token,
+    tls_contexts,
 )
 
 log = logging.getLogger("gridcouple.appkit.server")
@@ -101,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gridcouple app server: error: {exc}", file=sys.stderr)
         return 2
     name = args.name or os.environ.get(JOB_NAME_ENV) or cls.__name__
+    tls = tls_contexts(json.loads(os.environ.get(TLS_ENV, "{}")))
     app = cls()
-    server = ObjectServer(app, token, host=args.host, port=args.port)
+    server = ObjectServer(app, token, host=args.host, port=args.port,
+                          tls=tls[0] if tls else None)
     server.start()
     stop = server.stopped
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     if args.coupler:
         try:
-            _register(args.coupler, token, name, server.endpoint, stop)
+            _register(args.coupler, token, name, server.endpoint, stop,
+                      tls[1] if tls else None)
         except (OSError, TransportError) as exc:
             print(f"gridcouple app server: error: cannot register with the coupler at "
                   f"{args.coupler}: {exc}", file=sys.stderr)
@@ -130,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _register(coupler: str, token: str, name: str, endpoint: str,
-              stop: threading.Event) -> None:
+              stop: threading.Event, tls: ssl.SSLContext | None) -> None:
     """Tell the coupler where we listen; stop when that connection ends."""
-    channel = connect(coupler, token, name=name)
+    channel = connect(coupler, token, name=name, tls=tls)
     channel.send({"endpoint": endpoint, "pid": os.getpid(), "host": socket.gethostname(),
                   "job_id": os.environ.get(JOB_ID_ENV)})
     channel.receive()

@@ -7,7 +7,9 @@ buffers (see :mod:`gridcouple.appkit.wire`). A frame is::
     u32 header length | u16 buffer count | u64 length of each buffer | header | buffers
 
 Buffers are sent with one gathering ``sendmsg`` and received straight into their final numpy
-memory, so a field crosses the channel with no copy in Python on either side.
+memory, so a field crosses the channel with no copy in Python on either side. Beyond loopback
+the coupler configures TLS (the same certificates as its dask scheduler): both ends then
+present a certificate signed by the configured CA (see :func:`tls_contexts`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import os
 import secrets
 import select
 import socket
+import ssl
 import struct
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -100,6 +103,10 @@ class Channel:
     def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Send byte strings in order with as few system calls as the kernel allows."""
         views = [memoryview(p).cast("B") for p in parts if len(p)]
+        if isinstance(self.sock, ssl.SSLSocket):  # TLS has no gathering send
+            for view in views:
+                self.sock.sendall(view)
+            return
         while views:
             sent = self.sock.sendmsg(views[:512])
             while views and sent >= views[0].nbytes:
@@ -178,6 +185,14 @@ def accept_handshake(channel: Channel, token_for: Callable[[str], str | None]) -
     return name
 
 
+def accept_tls(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
+    """The accepted socket, wrapped in TLS when ``tls`` is given (failures are OSErrors)."""
+    if tls is None:
+        return sock
+    sock.settimeout(_HANDSHAKE_TIMEOUT)
+    return tls.wrap_socket(sock, server_side=True)
+
+
 def connect_handshake(channel: Channel, token: str, name: str = "") -> None:
     """The connecting side, introducing itself as ``name``: answer the challenge, then check
     the listener's answer."""
@@ -199,9 +214,32 @@ def connect_handshake(channel: Channel, token: str, name: str = "") -> None:
     sock.settimeout(None)
 
 
-def connect(endpoint: str, token: str, name: str = "", timeout: float = 10.0) -> Channel:
+def tls_contexts(settings: Mapping[str, Any]) -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+    """(server, client) TLS contexts from distributed Security's keyword arguments
+    (``tls_ca_file``, ``tls_scheduler_cert``/``_key`` to listen, ``tls_client_cert``/``_key``
+    to connect); None when they name no CA. Both sides must show a certificate the CA signed;
+    host names are not checked (jobs land on nodes the certificate cannot know)."""
+    if not settings.get("tls_ca_file"):
+        return None
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=settings["tls_ca_file"])
+    server.load_cert_chain(settings["tls_scheduler_cert"], settings["tls_scheduler_key"])
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings["tls_ca_file"])
+    client.check_hostname = False
+    client.load_cert_chain(settings["tls_client_cert"], settings["tls_client_key"])
+    return server, client
+
+
+def connect(endpoint: str, token: str, name: str = "", timeout: float = 10.0,
+            tls: ssl.SSLContext | None = None) -> Channel:
     """An authenticated channel to ``endpoint``, introducing ourselves as ``name``."""
     sock = socket.create_connection(parse_endpoint(endpoint), timeout=timeout)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise TransportError(f"TLS with {endpoint} failed: {exc}") from exc
     channel = Channel(sock)
     try:
         connect_handshake(channel, token, name)
@@ -220,9 +258,11 @@ class ObjectServer:
     connection. ``stopped`` is set after a call named in ``stop_after`` returns."""
 
     def __init__(self, target: Any, token: str, *, host: str = "127.0.0.1", port: int = 0,
-                 stop_after: Sequence[str] = ("terminate",)) -> None:
+                 stop_after: Sequence[str] = ("terminate",),
+                 tls: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.token = token
+        self.tls = tls
         self.stop_after = set(stop_after)
         self.stopped = threading.Event()
         self.stopped_by: str | None = None  # the call that stopped the server, if one did
@@ -253,12 +293,13 @@ class ObjectServer:
             threading.Thread(target=self._serve, args=(sock,), name="call", daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
-        channel = Channel(sock)
         try:
+            sock = accept_tls(sock, self.tls)
+            channel = Channel(sock)
             accept_handshake(channel, lambda _name: self.token)
         except (OSError, TransportError) as exc:
             log.warning("refused a connection: %s", exc)
-            channel.close()
+            sock.close()
             return
         with channel.sock:
             while True:
@@ -297,7 +338,7 @@ class ApplicationProxy:
     def __init__(self, endpoint: str, token: str, *, name: str = "application",
                  on_lost: Callable[[Exception], Exception] | None = None,
                  check_alive: Callable[[], None] | None = None,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5, tls: ssl.SSLContext | None = None) -> None:
         self._endpoint = endpoint
         self._name = name
         self._on_lost = on_lost
@@ -307,7 +348,7 @@ class ApplicationProxy:
         self._lost: Exception | None = None
         self._channel: Channel | None = None
         try:
-            self._channel = connect(endpoint, token)
+            self._channel = connect(endpoint, token, tls=tls)
         except AuthenticationError:
             raise
         except (OSError, TransportError) as exc:

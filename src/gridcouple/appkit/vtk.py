@@ -132,7 +132,8 @@ def _attribute(field: Field, mesh: Mesh) -> Any:
     values = _vtk_order(field, mesh).astype(np.float64)
     kind: Literal["scalar", "vector", "tensor"] = field.value_type  # type: ignore[assignment]
     if kind == "scalar":
-        return pyvtk.Scalars(values.reshape(-1).tolist(), name=field.field_id)
+        return pyvtk.Scalars(values.reshape(-1).tolist(), name=field.field_id,
+                             lookup_table="default")
     if kind == "vector":
         padded = np.zeros((len(values), 3))
         padded[:, : values.shape[1]] = values

@@ -45,7 +45,9 @@ from gridcouple.appkit.transport import (
     Channel,
     TransportError,
     accept_handshake,
+    accept_tls,
     app_token,
+    tls_contexts,
 )
 from gridcouple.backends import open_backend
 from gridcouple.backends.base import Backend
@@ -116,6 +118,7 @@ class Coupler:
         self._store_root: str | None = None
         self._own_store = False
         self.security_kwargs = self._security_kwargs()
+        self._tls = tls_contexts(self.security_kwargs)  # the direct channels' (server, client)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, *,
@@ -216,7 +219,8 @@ class Coupler:
             member.proxy = ApplicationProxy(
                 member.endpoint or "", member.token, name=member.name,
                 on_lost=lambda exc, m=member: self._failure(m, exc),
-                check_alive=lambda m=member: self._check_alive(m))
+                check_alive=lambda m=member: self._check_alive(m),
+                tls=self._tls[1] if self._tls else None)
         return [m.proxy for m in members if m.proxy is not None]
 
     def _new_member(self, request: AppRequest) -> _Member:
@@ -375,14 +379,15 @@ class Coupler:
             threading.Thread(target=self._registration, args=(sock,), daemon=True).start()
 
     def _registration(self, sock: socket.socket) -> None:
-        channel = Channel(sock)
         try:
+            sock = accept_tls(sock, self._tls[0] if self._tls else None)
+            channel = Channel(sock)
             name = accept_handshake(channel, self._token_of)
             info = channel.receive()
             channel.send("ok")
         except (OSError, TransportError) as exc:
             log.warning("refused an application server registration: %s", exc)
-            channel.close()
+            sock.close()
             return
         member = self._members.get(name)
         if member is None:
