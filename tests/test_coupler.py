@@ -63,9 +63,13 @@ def test_allocate_several_call_remotely_and_leave_nothing_behind(config_file):
             AppRequest("test_appkit_apps:Counter", name="two")])
         jobs = [m.job for m in coupler._members.values()]
         assert [j.id for j in jobs] == [jobs[0].id, jobs[0].id + 1]  # one submission
-        first.solve_step(TimeStep(0.5, 0.5, 1))
+        first.solve_step_in_background(TimeStep(0.5, 0.5, 1))  # both may step at once
+        second.solve_step_in_background(TimeStep(0.5, 0.5, 1))
+        first.wait()
+        second.wait()
         second.set_field(first.get_field("temperature", 0.5, mode="ref"))
-        assert second.get_property("c").value == 0.0 and first.get_property("c").value == 0.5
+        assert first.get_property("c").value == second.get_property("c").value == 0.5
+        assert second.received_mean() == 0.5  # read from first's store by second itself
         pids = [first.pid(), second.pid()]
         deadline = time.monotonic() + 20
         while set(coupler.scheduler_members()) != {"one", "two"}:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -126,11 +127,7 @@ class Coupler:
         """A coupler for the configuration at ``path`` (see :func:`load_config` for the search
         order); ``backend`` overrides the configured backend's name."""
         config = load_config(path)
-        if backend:
-            config = Config(path=config.path, state_dir=config.state_dir, backend=backend,
-                            sections=config.sections, backend_tables=config.backend_tables,
-                            text=config.text)
-        return cls(config)
+        return cls(dataclasses.replace(config, backend=backend) if backend else config)
 
     # --- lifecycle -------------------------------------------------------------------------
 
