@@ -12,6 +12,7 @@ from gridcouple.backends.slurm import SlurmOptions
 from gridcouple.backends.slurm.backend import (
     compact_native_ids,
     expand_native_ids,
+    parse_sacct,
     parse_squeue,
     sbatch_options,
 )
@@ -151,6 +152,18 @@ def test_squeue_lines_and_array_remainders():
     assert failed.end_time - failed.start_time == 1
     waiting = rows["13_7"].status(JobStatus(JobState.QUEUED))
     assert (waiting.describe(), waiting.start_time) == ("QUEUED: PENDING (Resources)", None)
+
+
+def test_sacct_lines():
+    text = ("40_1|FAILED|3:0|2026-01-02T03:04:05|2026-01-02T03:04:09|vm\n"
+            "40_2|CANCELLED by 0|0:15|2026-01-02T03:04:05|2026-01-02T03:04:06|vm\n"
+            "41|TIMEOUT|0:0|2026-01-02T03:04:05|2026-01-02T03:05:05|vm\n")
+    queued = JobStatus(JobState.QUEUED)
+    found = parse_sacct(text, {"40_1": queued, "40_2": queued})
+    assert sorted(found) == ["40_1", "40_2"]
+    assert (found["40_1"].state, found["40_1"].exit_code) == (JobState.FAILED, 3)
+    assert found["40_1"].end_time - found["40_1"].start_time == 4
+    assert (found["40_2"].state, found["40_2"].signal) == (JobState.CANCELED, 15)
 
 
 def test_native_id_lists_compact_and_expand():

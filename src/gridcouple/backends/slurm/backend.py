@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # goes last: it is free text and is only asked for when jobs must be found again.
 _SQUEUE_FIELDS = ("JobArrayID", "State", "Reason", "exit_code", "SubmitTime", "StartTime",
                   "EndTime", "NodeList")
+_SACCT_FIELDS = "JobID,State,ExitCode,Start,End,NodeList"
 _PER_JOB_KEYS = ("partition", "account", "qos", "constraint")
 _ATTRIBUTES = (*_PER_JOB_KEYS, "extra_directives")
 _IGNORED_SCANCEL = ("already completing or completed", "Invalid job id specified")
@@ -150,6 +151,23 @@ def parse_squeue(text: str, with_comment: bool) -> dict[str, SqueueRow]:
         else:
             rows[parts[0]] = row
     return rows
+
+
+def parse_sacct(text: str, previous: dict[str, JobStatus]) -> dict[str, JobStatus]:
+    """Statuses by native id from ``sacct -P -n -X -o JobID,State,ExitCode,Start,End,NodeList``
+    lines, for the native ids in ``previous`` (ExitCode is ``code:signal``)."""
+    found = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 6 or parts[0] not in previous:
+            continue
+        native_id, state, exit_text, start, end, host = parts
+        code, _, signal = exit_text.partition(":")
+        found[native_id] = slurm_status(
+            state, "", previous[native_id], exit_code=int(code) if code.isdigit() else None,
+            signal=int(signal) if signal.isdigit() and int(signal) else None,
+            start_time=_slurm_time(start), end_time=_slurm_time(end), host=host)
+    return found
 
 
 def expand_native_ids(text: str) -> list[str]:
@@ -382,22 +400,11 @@ class SlurmBackend(Backend):
         wanted = {native[r.job.id]: r for r in records if r.job.id in native}
         if not wanted:
             return {}
-        fields = "JobID,State,ExitCode,Start,End,NodeList"
-        proc = self._run("sacct", ["-P", "-n", "-X", "-o", fields, "-j",
-                                   ",".join(compact_native_ids(wanted))], unavailable=True)
-        result = {}
-        for line in proc.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) != 6 or parts[0] not in wanted:
-                continue
-            native_id, state, exit_text, start, end, host = parts
-            code, _, signal = exit_text.partition(":")
-            record = wanted[native_id]
-            result[record.job.id] = slurm_status(
-                state, "", record.status, exit_code=int(code) if code.isdigit() else None,
-                signal=int(signal) if signal.isdigit() and int(signal) else None,
-                start_time=_slurm_time(start), end_time=_slurm_time(end), host=host)
-        return result
+        arrays = sorted({native_id.split("_")[0] for native_id in wanted})
+        proc = self._run("sacct", ["-P", "-n", "-X", "-o", _SACCT_FIELDS, "-j", ",".join(arrays)],
+                         unavailable=True)
+        found = parse_sacct(proc.stdout, {n: r.status for n, r in wanted.items()})
+        return {wanted[native_id].job.id: status for native_id, status in found.items()}
 
     def _from_exit_file(self, record: JobRecord) -> JobStatus:
         """A job squeue no longer lists, without accounting: its exit-code file decides."""
