@@ -65,6 +65,7 @@ def main(config: Config, console: Console) -> None:
                 progress.update(task, completed=sum(1 for v in states.values() if v.is_final),
                                 detail=f"{counts[JobState.QUEUED]} queued, "
                                        f"{counts[JobState.ACTIVE]} running")
+        console.print()
         statuses = backend.status(jobs)
         table = Table(title="Heat equation sweep: u(0.5, t=0.1)")
         for column in ("job", "alpha", "state", "run time", "u(0.5)", "exact", "rel. error"):
