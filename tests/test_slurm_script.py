@@ -103,6 +103,11 @@ def test_resources_and_options_map_to_sbatch_options():
         "--gpus=1", "--time=2", "--requeue", "--exclusive")
 
 
+def test_extra_directives_attribute_may_be_one_string():
+    spec = JobSpec(argv=("true",), attributes={"slurm.extra_directives": "--exclusive --job-name=x"})
+    assert sbatch_options(spec, SlurmOptions()) == ("--exclusive", "--job-name=x")
+
+
 def test_unknown_slurm_attribute_is_named():
     spec = JobSpec(argv=("true",), attributes={"slurm.partion": "x"})
     with pytest.raises(BackendError, match=r"unknown attribute 'slurm.partion'.*slurm.partition"):

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import re
+import shlex
 import subprocess
 import time
 from collections import defaultdict
@@ -106,7 +107,9 @@ def sbatch_options(spec: JobSpec, options: SlurmOptions) -> tuple[str, ...]:
         chosen.append(f"--gpus={resources.gpus}")
     if resources.walltime is not None:  # Slurm counts whole minutes
         chosen.append(f"--time={math.ceil(resources.walltime / 60)}")
-    extra = list(attributes.get("extra_directives", []))
+    extra = attributes.get("extra_directives", [])
+    if isinstance(extra, str):  # from the command line: "--exclusive --mail-type=END"
+        extra = shlex.split(extra)
     try:
         check_directives(extra, f"job {spec.name}: attribute slurm.extra_directives")
     except ValueError as exc:
