@@ -328,3 +328,28 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
         current += delta
         best = max(best, current)
     return best
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "easy"])
+def test_live_queue_runs_the_simulators_policies(state_dir, policy):
+    """The very policy objects the simulator uses order the live queue: under EASY a short
+    job backfills past a wide head job that must wait; under FCFS it waits its turn."""
+    backend = LocalBackend(LocalOptions(slots=2, policy=policy, idle_exit=5),
+                           state_dir=state_dir)
+    try:
+        [long] = backend.submit([JobSpec(argv=("sleep", "2"), estimate=2.0)])
+        while backend.status([long])[0].state is not JobState.ACTIVE:
+            time.sleep(0.02)
+        wide, short = backend.submit([
+            JobSpec(argv=("sleep", "0.1"), resources=Resources(cpus=2), estimate=0.5),
+            JobSpec(argv=("sleep", "0.2"), estimate=0.5),
+        ])
+        _, wide_status, short_status = backend.wait([long, wide, short], timeout=30)
+        if policy == "easy":
+            assert short_status.start_time < wide_status.start_time
+            assert short_status.end_time <= wide_status.start_time  # the head was not delayed
+        else:
+            assert short_status.start_time >= wide_status.end_time
+    finally:
+        backend.stop_daemon()
+        backend.close()
