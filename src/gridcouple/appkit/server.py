@@ -154,6 +154,9 @@ def _register(coupler: str, token: str, name: str, endpoint: str,
 
 def _join_scheduler(address: str, token: str, name: str, endpoint: str) -> None:
     """Appear in the dask scheduler under ``name``; the comm stays open while we live."""
+    with contextlib.suppress(AttributeError, OSError):  # Linux: threads have own priorities
+        # Importing dask takes a CPU-second: let starting applications and calls go first.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
     try:
         asyncio.run(_join(address, token, name, endpoint))
     except Exception as exc:
