@@ -16,9 +16,15 @@ import textwrap
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+# Importing the command modules registers their commands, as gridcouple's main() does.
+import gridcouple.cli.jobs
+import gridcouple.cli.run
+import gridcouple.cli.simulate  # noqa: F401
 from conftest import require_service
 from gridcouple.backends.slurm import SlurmBackend, SlurmOptions
+from gridcouple.cli import app
 from gridcouple.errors import BackendError, QueryUnavailableError
 from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
 
@@ -230,6 +236,21 @@ def test_job_purged_from_squeue_is_resolved_by_its_exit_code_file(backend, tmp_p
     assert (failed.state, failed.exit_code, failed.native_state) == (JobState.FAILED, 3, "")
     assert "exit-code file" in failed.reason
     assert (done.state, done.exit_code) == (JobState.COMPLETED, 0)
+
+
+def test_weak_coupling_recipe_with_application_servers_as_slurm_jobs(cluster, tmp_path):
+    config = tmp_path / "gridcouple.toml"
+    config.write_text('state_dir = "state"\n[backend]\nname = "slurm"\n'
+                      "[backend.slurm]\npoll_interval = 0.5\n")
+    result = CliRunner().invoke(app, ["run", "weak-coupling", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Time:")]
+    assert lines[-1] == "Time:  1.00 concentration  1.00, running average  0.55"
+    with SlurmBackend(SlurmOptions(), state_dir=tmp_path / "state") as servers:
+        jobs = [r.job for r in servers.journal.records("slurm")]
+        assert [j.spec.name for j in jobs] == ["concentration", "running-average"]
+        assert len({j.native_id.split("_")[0] for j in jobs}) == 1  # one array
+        assert [s.state for s in servers.wait(jobs, timeout=30)] == [JobState.COMPLETED] * 2
 
 
 class FaultSmallArrays(SlurmBackend):
