@@ -104,7 +104,8 @@ def test_resources_and_options_map_to_sbatch_options():
 
 
 def test_extra_directives_attribute_may_be_one_string():
-    spec = JobSpec(argv=("true",), attributes={"slurm.extra_directives": "--exclusive --job-name=x"})
+    spec = JobSpec(argv=("true",),
+                   attributes={"slurm.extra_directives": "--exclusive --job-name=x"})
     assert sbatch_options(spec, SlurmOptions()) == ("--exclusive", "--job-name=x")
 
 
