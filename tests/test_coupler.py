@@ -94,7 +94,8 @@ def test_a_server_killed_mid_step_fails_the_call_within_5_s_with_its_story(confi
         message = str(failure.value)
         job = coupler._members["victim"].job
         assert f"application victim (test_appkit_apps:Sleeper), job {job}" in message
-        assert "FAILED" in message and "solving step 7" in message
+        assert "job state FAILED" in message and "native state FAILED" in message
+        assert message.endswith("last lines of its stderr:\nsolving step 7")
         with pytest.raises(ApplicationFailedError):  # the proxy stays failed
             app.get_critical_time_step()
 

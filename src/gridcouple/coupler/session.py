@@ -306,9 +306,9 @@ class Coupler:
             text += f", job {member.job}"
         text += f", {what}"
         if status is not None:
-            text += f"; job state {status.describe()}"
-            if status.native_state:
-                text += f", native state {status.native_state}"
+            # A backend without native words of its own (local) reports ours as its native.
+            text += (f"; job state {status.describe()}, native state "
+                     f"{status.native_state or status.state}")
         if member.job is not None and self._backend is not None:
             tail = self.backend.read_output(member.job, "stderr", tail=STDERR_TAIL).rstrip()
             text += ("; last lines of its stderr:\n" + tail) if tail else "; its stderr is empty"
