@@ -78,6 +78,12 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def format_endpoint(host: str, port: int) -> str:
+    """``host:port`` for peers to connect to; a wildcard address becomes this host's name."""
+    host = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 # --- frames ---------------------------------------------------------------------------------
 
 class Channel:
@@ -273,8 +279,7 @@ class ObjectServer:
 
     @property
     def endpoint(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return format_endpoint(self.host, self.port)
 
     def start(self) -> None:
         """Accept connections in a background thread."""

@@ -48,6 +48,7 @@ from gridcouple.appkit.transport import (
     accept_handshake,
     accept_tls,
     app_token,
+    format_endpoint,
     tls_contexts,
 )
 from gridcouple.backends import open_backend
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 STDERR_TAIL = 20
 FAILURE_REPORT_WAIT = 3.0  # seconds to wait for the backend to see a lost server end
-STATUS_INTERVAL = 1.0  # seconds between backend queries while a call waits
+STATUS_INTERVAL = 1.0  # least seconds between backend queries while a call waits
 TERMINATE_WAIT = 5.0
 
 
@@ -167,7 +168,7 @@ class Coupler:
     def registry_endpoint(self) -> str:
         assert self._registry is not None
         host, port = self._registry.getsockname()[:2]
-        return f"{self._advertised_host(host)}:{port}"
+        return format_endpoint(host, port)
 
     def scheduler_members(self) -> dict[str, dict[str, Any]]:
         """The application servers that joined the dask scheduler, by job name."""
@@ -272,7 +273,7 @@ class Coupler:
                     member, statuses[0], f"did not join within {self.settings.join_timeout:g} s "
                     f"([coupler] join_timeout in {self.config.path or 'the defaults'})"))
             waiting[0].joined.wait(interval)
-            interval = min(interval * 1.5, 0.25)
+            interval = min(interval * 1.5, self.backend.backoff.most)
 
     # --- failures ------------------------------------------------------------------------
 
@@ -281,7 +282,8 @@ class Coupler:
         if member.gone.is_set():
             raise self._failure(member, TransportError("its registration connection closed"))
         now = time.monotonic()
-        if member.job is not None and now - member.last_status_check >= STATUS_INTERVAL:
+        interval = max(STATUS_INTERVAL, self.backend.backoff.most)
+        if member.job is not None and now - member.last_status_check >= interval:
             member.last_status_check = now
             status = self.backend.status([member.job])[0]
             if status.state.is_final:
@@ -477,9 +479,6 @@ class Coupler:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self._own_store = True
         return tempfile.mkdtemp(prefix="gridcouple-fields-", dir=base)
-
-    def _advertised_host(self, host: str) -> str:
-        return socket.gethostname() if host in ("0.0.0.0", "::") else host
 
 
 def _quietly_terminate(member: _Member) -> None:
