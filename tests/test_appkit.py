@@ -12,6 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes
+from hypothesis.extra.numpy import arrays as numpy_arrays
 
 from gridcouple.appkit.data import (
     Field,
@@ -118,6 +122,19 @@ def test_wire_carries_appkit_objects_and_arrays_but_nothing_else(tmp_path):
     assert list(back["prop"].value) == [1, 2]
     with pytest.raises(TypeError, match="cannot send a pathlib"):
         encode({"path": tmp_path})
+
+
+@settings(max_examples=50, deadline=None)
+@given(array=numpy_arrays(
+    dtype=st.sampled_from(["<f8", ">f4", "<i8", "|u1", "|b1", "<c16"]),
+    shape=array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)),
+    transposed=st.booleans())
+def test_wire_round_trips_any_plain_array(array, transposed):
+    sent = array.T if transposed else array  # non-contiguous views too
+    header, buffers = encode({"a": sent})
+    back = decode(header, [bytearray(b) for b in buffers])["a"]
+    assert back.dtype == sent.dtype and back.shape == sent.shape
+    np.testing.assert_array_equal(back, sent)
 
 
 # --- real application servers ----------------------------------------------------------------

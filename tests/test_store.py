@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gridcouple.appkit.data import Field, StructuredMesh, UnstructuredMesh
 from gridcouple.appkit.store import FieldStore
@@ -107,3 +109,20 @@ def test_an_fsspec_store_commits_versions_in_place(tmp_path):
     assert store.versions("temperature") == [first.version, first.version + 1]
     np.testing.assert_array_equal(first.read(), temperature(1.0).values)
     assert store.get("temperature").time == 0.2
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(2, 9), min_size=1, max_size=3),
+       components=st.sampled_from([(), (2,), (3, 3)]),
+       chunk_bytes=st.integers(8, 2000),
+       dtype=st.sampled_from(["<f8", "<f4", "<i4", "<u2"]))
+def test_direct_chunk_io_agrees_with_zarr_for_any_shape_and_chunking(
+        tmp_path_factory, shape, components, chunk_bytes, dtype):
+    mesh = StructuredMesh(shape)
+    value_type = {(): "scalar", (2,): "vector", (3, 3): "tensor"}[components]
+    values = np.arange(np.prod(shape) * int(np.prod(components)), dtype=dtype).reshape(
+        *shape, *components)
+    store = FieldStore(tmp_path_factory.mktemp("store"), chunk_bytes=chunk_bytes)
+    ref = store.put(Field(mesh, values, "f", value_type=value_type))
+    np.testing.assert_array_equal(ref.read(), values)  # our chunk files, read directly
+    np.testing.assert_array_equal(ref.open()[...], values)  # the same files, read by zarr

@@ -33,7 +33,7 @@ def encode(value: Any) -> tuple[bytes, list[memoryview]]:
         if isinstance(obj, np.ndarray):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise TypeError(f"cannot send a numpy array of dtype {obj.dtype}")
-            array = np.ascontiguousarray(obj)
+            array = obj if obj.flags.c_contiguous else obj.copy(order="C")  # keeps 0-d 0-d
             buffers.append(memoryview(array.reshape(-1).view(np.uint8)))
             header = [array.dtype.str, list(array.shape), len(buffers) - 1]
             return msgpack.ExtType(_ARRAY, msgpack.packb(header))
@@ -57,7 +57,7 @@ def decode(header: bytes, buffers: Sequence[Any]) -> Any:
     def ext_hook(code: int, data: bytes) -> Any:
         if code == _ARRAY:
             dtype, shape, index = msgpack.unpackb(data)
-            return np.frombuffer(buffers[index], dtype=np.dtype(dtype)).reshape(shape)
+            return np.frombuffer(buffers[index], dtype=np.dtype(dtype)).reshape(tuple(shape))
         if code == _OBJECT:
             name, payload = msgpack.unpackb(data, ext_hook=ext_hook, strict_map_key=False)
             if name not in _OBJECT_TYPES:
