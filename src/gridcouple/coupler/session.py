@@ -106,9 +106,12 @@ class Coupler:
     """A coupling session; use it as a context manager (see the module docstring)."""
 
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
+        """``backend``: one already open (it stays open); by default the configured one is
+        opened on entry and closed on exit."""
         self.config = config
         self.settings: CouplerSection = config.section("coupler")
         self._backend = backend
+        self._own_backend = backend is None
         self._secret = secrets.token_hex(32)
         self._members: dict[str, _Member] = {}
         self._lock = threading.Lock()
@@ -190,7 +193,7 @@ class Coupler:
         if self._own_store and self._store_root:
             shutil.rmtree(self._store_root, ignore_errors=True)
             self._store_root = None
-        if self._backend is not None:
+        if self._backend is not None and self._own_backend:
             self._backend.close()
             self._backend = None
 
