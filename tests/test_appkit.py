@@ -93,6 +93,19 @@ def test_get_field_by_reference_writes_a_version_the_receiver_reads(tmp_path):
         app.get_field("temperature", 0.5, mode="move")
 
 
+def test_an_application_may_take_field_refs_to_read_part_of_them(tmp_path):
+    class EdgeReader(Counter):
+        accepts_field_refs = True
+
+        def set_field(self, field):
+            self.received = float(field.open()[0].sum())  # only the first row's chunk
+
+    ref = FieldStore(tmp_path).put(Field(MESH, np.arange(12.0).reshape(4, 3), "t"))
+    reader = EdgeReader()
+    reader.setField(ref)
+    assert reader.received == 3.0
+
+
 def test_background_step_runs_while_the_caller_goes_on_and_wait_reraises():
     app = Counter()
     started = time.perf_counter()
@@ -180,6 +193,11 @@ def test_server_runs_calls_remotely_and_reports_remote_errors(counter_server, tm
     assert "Traceback" in err.value.remote_traceback
     with pytest.raises(RemoteError, match="'_secret' is not a public method"):
         app.call("_secret")
+    with pytest.raises(RemoteError, match="the result of unsendable cannot be sent"):
+        app.unsendable()
+    with pytest.raises(TypeError, match="cannot send a builtins.object"):
+        app.set_property(object())
+    assert app.get_critical_time_step() == 0.25  # both failures left the proxy usable
     app.terminate()
     assert process.wait(timeout=10) == 0
 

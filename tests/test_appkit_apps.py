@@ -39,6 +39,9 @@ class Counter(Application):
     def set_field(self, field: Field) -> None:
         self.received = float(field.values.mean())
 
+    def unsendable(self) -> object:
+        return object()
+
     def received_mean(self) -> float | None:
         return self.received
 

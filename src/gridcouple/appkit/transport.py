@@ -86,6 +86,16 @@ def format_endpoint(host: str, port: int) -> str:
 
 # --- frames ---------------------------------------------------------------------------------
 
+def frame(value: Any) -> list[bytes | memoryview]:
+    """The parts of one frame carrying ``value``; raises TypeError (before anything is sent)
+    for a value the wire cannot carry."""
+    header, buffers = encode(value)
+    prefix = _PREFIX.pack(len(header), len(buffers))
+    if buffers:
+        prefix += struct.pack(f"<{len(buffers)}Q", *(b.nbytes for b in buffers))
+    return [prefix + header, *buffers]
+
+
 class Channel:
     """Frames over one connected socket. Not thread-safe: one request at a time."""
 
@@ -100,11 +110,7 @@ class Channel:
 
     def send(self, value: Any) -> None:
         """Send one value as a frame."""
-        header, buffers = encode(value)
-        prefix = _PREFIX.pack(len(header), len(buffers))
-        if buffers:
-            prefix += struct.pack(f"<{len(buffers)}Q", *(b.nbytes for b in buffers))
-        self.send_parts([prefix + header, *buffers])
+        self.send_parts(frame(value))
 
     def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Send byte strings in order with as few system calls as the kernel allows."""
@@ -310,9 +316,17 @@ class ObjectServer:
             while True:
                 try:
                     method, args, kwargs = channel.receive()
-                except (OSError, TransportError):
+                except (OSError, TransportError, ValueError) as exc:
+                    if not isinstance(exc, ConnectionLostError):
+                        log.warning("closing a connection: %s", exc)
                     return
-                channel.send(self._call(method, args, kwargs))
+                reply = self._call(method, args, kwargs)
+                try:
+                    parts = frame(reply)
+                except TypeError as exc:  # a result the wire cannot carry
+                    parts = frame(_error_reply(TypeError(f"the result of {method} cannot be "
+                                                         f"sent: {exc}")))
+                channel.send_parts(parts)
                 if method in self.stop_after:
                     self.stopped_by = method
                     self.stopped.set()
@@ -326,8 +340,12 @@ class ObjectServer:
                 raise AttributeError(f"{method!r} is not a method")
             return [0, function(*args, **kwargs)]
         except Exception as exc:
-            return [1, {"type": type(exc).__name__, "message": str(exc),
-                        "traceback": traceback.format_exc()}]
+            return _error_reply(exc)
+
+
+def _error_reply(exc: Exception) -> list[Any]:
+    return [1, {"type": type(exc).__name__, "message": str(exc),
+                "traceback": "".join(traceback.format_exception(exc))}]
 
 
 # --- calling --------------------------------------------------------------------------------
@@ -387,8 +405,9 @@ class ApplicationProxy:
                 raise self._lost
             channel = self._channel
             assert channel is not None
+            request = frame([method, list(args), kwargs])  # TypeError here leaves us usable
             try:
-                channel.send([method, list(args), kwargs])
+                channel.send_parts(request)
                 self._await_reply(channel)
                 status, value = channel.receive()
             except (OSError, ConnectionLostError) as exc:
