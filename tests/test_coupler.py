@@ -127,6 +127,9 @@ def test_listening_beyond_loopback_without_tls_is_a_config_error(tmp_path):
     path.write_text('[coupler]\nhost = "0.0.0.0"\n')
     with pytest.raises(ConfigError, match=r"gridcouple.toml:2: \[coupler\] host: .*needs TLS"):
         Coupler.from_config(path)
+    path.write_text('[coupler]\ntls_ca_file = "ca.pem"\ntls_cert = "c.pem"\ntls_key = "k.pem"\n')
+    with pytest.raises(ConfigError, match=r"toml:2: \[coupler\] tls_ca_file: .*ca.pem is not a"):
+        Coupler.from_config(path)
 
 
 def test_with_tls_configured_the_scheduler_and_the_direct_channels_use_it(config_file):

@@ -461,20 +461,26 @@ class Coupler:
 
     # --- settings ----------------------------------------------------------------------
 
-    def _security_kwargs(self) -> dict[str, str]:
+    def _security_kwargs(self) -> dict[str, Any]:
+        """distributed Security's keyword arguments: none on loopback without TLS files;
+        beyond loopback all three files are required."""
         settings = self.settings
-        files = {"tls_ca_file": settings.tls_ca_file, "tls_client_cert": settings.tls_cert,
-                 "tls_client_key": settings.tls_key, "tls_scheduler_cert": settings.tls_cert,
-                 "tls_scheduler_key": settings.tls_key}
-        if _is_loopback(settings.host) and not any(files.values()):
+        keys = ("tls_ca_file", "tls_cert", "tls_key")
+        given = {k: getattr(settings, k) for k in keys if getattr(settings, k) is not None}
+        if not given and _is_loopback(settings.host):
             return {}
-        missing = [k for k in ("tls_ca_file", "tls_cert", "tls_key")
-                   if getattr(settings, k) is None]
+        missing = [k for k in keys if k not in given]
         if missing:
-            raise ConfigError(f"{self.config.where(('coupler', 'host'))}: listening on "
-                              f"{settings.host!r} (beyond loopback) needs TLS; set "
-                              f"{', '.join(missing)} in [coupler]")
-        return {"require_encryption": True, **{k: str(v) for k, v in files.items()}}  # type: ignore[dict-item]
+            why = ("TLS needs all three files" if given else
+                   f"listening on {settings.host!r} (beyond loopback) needs TLS")
+            where = self.config.where(("coupler", next(iter(given), "host")))
+            raise ConfigError(f"{where}: {why}; set {', '.join(missing)} in [coupler]")
+        for key, path in given.items():
+            if not path.is_file():
+                raise ConfigError(f"{self.config.where(('coupler', key))}: {path} is not a file")
+        ca, cert, key = (str(given[k]) for k in keys)
+        return {"require_encryption": True, "tls_ca_file": ca, "tls_client_cert": cert,
+                "tls_client_key": key, "tls_scheduler_cert": cert, "tls_scheduler_key": key}
 
     def _field_store_root(self) -> str:
         if self.settings.field_store:
