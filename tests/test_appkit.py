@@ -67,11 +67,15 @@ def test_meshes_reject_bad_geometry_and_round_trip():
 
 # --- the Application base -------------------------------------------------------------------
 
-def test_python_and_mupif_names_answer_alike():
+def test_python_and_mupif_names_answer_alike(tmp_path):
     ported = MupifStyle()
+    ported.field_store = FieldStore(tmp_path)
     ported.solve_step(TimeStep(0.5, 0.5, 1))
     assert ported.get_critical_time_step() == 0.5
     assert ported.get_field("c", 0.5).values.max() == 0.5
+    ported.solveStep(TimeStep(0.75, 0.25, 2), runInBackground=True)
+    ported.wait()
+    assert ported.getField("c", 0.75, mode="ref").read().max() == 0.75
     counter = Counter()
     counter.solveStep(TimeStep(0.25, 0.25, 1))
     assert counter.getCriticalTimeStep() == 0.25

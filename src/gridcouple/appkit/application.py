@@ -61,8 +61,12 @@ class Application:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for python_name, mupif_name in MUPIF_NAMES.items():
-            if mupif_name in cls.__dict__ and python_name not in cls.__dict__:
+            if python_name != mupif_name and mupif_name in cls.__dict__ \
+                    and python_name not in cls.__dict__:
+                # Ported from MuPIF: the author's method becomes the Python name, and the
+                # MuPIF name the base class's alias of it (so it gains mode=, background...).
                 setattr(cls, python_name, cls.__dict__[mupif_name])
+                setattr(cls, mupif_name, getattr(Application, mupif_name))
         if "get_field" in cls.__dict__:
             cls.get_field = _with_field_mode(cls.__dict__["get_field"])  # type: ignore[method-assign]
         if "set_field" in cls.__dict__ and not cls.accepts_field_refs:
