@@ -14,7 +14,7 @@ from gridcouple.recipes import RECIPES, run_recipe
 
 @app.command()
 def run(
-    recipe: Annotated[str, typer.Argument(help=f"One of: {', '.join(RECIPES)}.",
+    recipe: Annotated[str, typer.Argument(help=f"One of: {', '.join(RECIPES)}.", metavar="RECIPE",
                                           show_default=False)],
     config: ConfigOption = None,
     backend: BackendOption = None,
