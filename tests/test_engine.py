@@ -199,3 +199,24 @@ def test_bad_jobs_and_policies_are_refused():
 
     with pytest.raises(SimulationError, match="greedy overfilled the machine"):
         simulate([SimJob(0, 2, 1, 1), SimJob(0, 2, 1, 1)], Greedy(), 2)
+
+
+class Patient(Policy):
+    """Starts nothing before t=5."""
+
+    name = "patient"
+
+    def select(self, now, waiting, running, capacity):
+        return list(waiting[:1]) if now >= 5 else []
+
+
+def test_a_policy_that_idles_is_caught_or_woken():
+    with pytest.raises(SimulationError, match="patient left 1 jobs waiting with nothing left"):
+        simulate([SimJob(0, 1, 1, 1)], Patient(), 1)
+    sim = Simulator(Machine.processors(1), Patient())
+    sim.add([SimJob(0, 1, 1, 1)])
+    sim.run()
+    assert sim.stranded() == 1
+    sim.wake(5)
+    sim.run()
+    assert (sim.stranded(), sim.start, sim.end) == (0, [5], [6])

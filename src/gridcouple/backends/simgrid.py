@@ -189,6 +189,11 @@ class SimGridBackend(Backend):
                         known[job.id] = status.state
                 if all(s.state.is_final for s in statuses):
                     return
+                if self.simulator.stranded():
+                    raise BackendError(f"the simulation stalled: policy "
+                                       f"{self.simulator.policy.name} left "
+                                       f"{self.simulator.stranded()} jobs waiting with nothing "
+                                       "left to happen")
                 upcoming = self.simulator.next_event()
                 if upcoming > self._horizon:
                     self.simulator.run(until=self._horizon)

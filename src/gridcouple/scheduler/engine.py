@@ -216,7 +216,18 @@ class Simulator:
             heapq.heapify(self._due)
         self.end[number] = self.now
         self.state[number] = SimState.CANCELED
-        heapq.heappush(self._due, (self.now, -1))  # the policy may start others now
+        self.wake(self.now)  # the policy may start others now
+
+    def wake(self, at: float) -> None:
+        """Ask the policy again at ``at`` even if nothing else happens then."""
+        heapq.heappush(self._due, (max(at, self.now), -1))
+
+    def stranded(self) -> int:
+        """How many jobs wait while nothing is left to happen (a policy that let an idle
+        machine stay idle); 0 while the simulation can go on."""
+        if self.next_event() != INFINITY:
+            return 0
+        return sum(1 for state in self.state if state == SimState.WAITING)
 
     # --- time ---------------------------------------------------------------------------
 
@@ -391,4 +402,7 @@ def simulate(jobs: Sequence[SimJob], policy: Policy, machine: Machine | int, *,
     simulator = Simulator(machine, policy, kill_at_limit=kill_at_limit, duration=duration)
     simulator.add(jobs)
     simulator.run()
+    if simulator.stranded():
+        raise SimulationError(f"policy {simulator.policy.name} left {simulator.stranded()} "
+                              "jobs waiting with nothing left to happen")
     return simulator

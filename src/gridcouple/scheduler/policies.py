@@ -227,21 +227,32 @@ class Conservative(QueuePolicy):
 
     def __init__(self) -> None:
         self.reserved: dict[int, float] = {}
+        # what the last pass left: its profile (every reservation in it), free procs, running
+        # jobs and queue; when only new jobs came since, the next pass places just those
+        self.profile: Profile | None = None
+        self.left: tuple[int, list[tuple[float, int]], list[int]] = (0, [], [])
 
     def pick(self, now, queue, procs, estimate, free, ends, known=0):
-        profile = Profile(now, free)
-        for end, key in ends:
-            profile.release(max(end, math.nextafter(now, INFINITY)), procs[key])
-        old = self.reserved
-        pending = [(key, old[key]) for key in queue if key in old]
-        for key, at in pending:
-            profile.reserve(at, estimate[key], procs[key])
-        reserved: dict[int, float] = {}
+        profile = self.profile
+        left_free, left_ends, left_queue = self.left
+        known = len(left_queue)
+        if not (profile is not None and free == left_free and ends == left_ends
+                and queue[:known] == left_queue and profile.advance(now)):
+            # something ended (or the clock passed a reservation): build it all, compress all
+            profile = Profile(now, free)
+            for end, key in ends:
+                profile.release(max(end, math.nextafter(now, INFINITY)), procs[key])
+            self.reserved = {key: self.reserved[key] for key in queue if key in self.reserved}
+            for key, at in self.reserved.items():
+                profile.reserve(at, estimate[key], procs[key])
+            known = 0
+        reserved = self.reserved
         started = []
-        for key in queue:
+        for key in islice(queue, known, None):
             need, length = procs[key], estimate[key]
-            if key in old:
-                profile.reserve(old[key], length, -need)  # take it out, then place it again
+            old = reserved.pop(key, None)
+            if old is not None:
+                profile.reserve(old, length, -need)  # take it out, then place it again
             at = profile.earliest(need, length)
             profile.reserve(at, length, need)
             if at == now:
@@ -249,10 +260,11 @@ class Conservative(QueuePolicy):
                 bisect.insort(ends, (expected_end(now, length), key))
             else:
                 reserved[key] = at
-        self.reserved = reserved
         if started:
             chosen = set(started)
             queue[:] = [key for key in queue if key not in chosen]
+        self.profile = profile
+        self.left = (free - sum(procs[key] for key in started), list(ends), list(queue))
         return started
 
 
@@ -262,6 +274,13 @@ class Profile:
     def __init__(self, now: float, free: int) -> None:
         self.times: list[float] = [now]
         self.free: list[int] = [free]
+
+    def advance(self, now: float) -> bool:
+        """Move the start to ``now``; False when a step begins in between (then rebuild)."""
+        if len(self.times) > 1 and self.times[1] <= now:
+            return False
+        self.times[0] = now
+        return True
 
     def _point(self, time: float) -> int:
         """The index of the step starting at ``time`` (split a step if needed)."""
