@@ -20,7 +20,7 @@ $(STAMP)-test: pyproject.toml | $(PY)
 	touch $@ $(STAMP)-run
 
 run: $(STAMP)-run
-	$(VENV)/bin/gridcouple run demo
+	$(VENV)/bin/gridcouple run weak-coupling
 
 # Services are stopped whatever pytest says; pytest's own exit code is the result.
 test: $(STAMP)-test

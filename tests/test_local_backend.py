@@ -353,3 +353,11 @@ def test_live_queue_runs_the_simulators_policies(state_dir, policy):
     finally:
         backend.stop_daemon()
         backend.close()
+
+
+def test_journal_and_state_dir_are_private(local_backend, tmp_path):
+    local_backend.submit([sh("true", environment={"TOKEN": "secret"})])
+    assert local_backend.journal.path.stat().st_mode & 0o077 == 0
+    fresh = tmp_path / "fresh-state"
+    LocalBackend(state_dir=fresh).close()
+    assert fresh.stat().st_mode & 0o077 == 0

@@ -53,7 +53,7 @@ class Backend(abc.ABC):
     def __init__(self, options: Any, *, state_dir: Path, journal: Journal | None = None) -> None:
         self.options = options
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._own_journal = journal is None
         self.journal = journal or Journal(self.state_dir / "journal.sqlite")
 

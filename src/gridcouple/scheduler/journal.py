@@ -10,6 +10,7 @@ crash may lose the last transactions.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -74,7 +75,9 @@ class Journal:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Specs may carry secrets (the coupler's per-application token): owner only.
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._lock = threading.RLock()
         self._specs: dict[int, JobSpec] = {}  # specs never change once recorded
         self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
