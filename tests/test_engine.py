@@ -21,6 +21,7 @@ from gridcouple.scheduler.engine import (
     simulate,
 )
 from gridcouple.scheduler.policies import EASY, Conservative, Policy, make_policy, shadow_time
+from test_policies import ViaSelect
 
 # GRIDCOUPLE_EXAMPLES=2000 for a deeper search than CI's
 PROPERTY = settings(max_examples=int(os.environ.get("GRIDCOUPLE_EXAMPLES", "60")), deadline=None,
@@ -51,18 +52,6 @@ def busy_peak(sim: Simulator) -> int:
     return peak
 
 
-class SelectOnly(Policy):
-    """A built-in policy seen only through ``select``, like a user's own."""
-
-    name = "select-only"
-
-    def __init__(self, inner: Policy) -> None:
-        self.inner = inner
-
-    def select(self, now, waiting, running, capacity):
-        return self.inner.select(now, waiting, running, capacity)
-
-
 @pytest.mark.parametrize("name", ["fcfs", "sjf", "easy", "conservative"])
 @PROPERTY
 @given(workload=workloads())
@@ -75,7 +64,7 @@ def test_every_policy_respects_capacity_and_submit_times(name, workload):
         assert start >= job.submit
         assert end == start + job.work
     # the fast path and select() agree: one policy code for the simulator and the live queue
-    assert simulate(jobs, SelectOnly(make_policy(name)), capacity, kill_at_limit=True).start \
+    assert simulate(jobs, ViaSelect(make_policy(name)), capacity, kill_at_limit=True).start \
         == sim.start
 
 
@@ -87,34 +76,16 @@ def test_fcfs_starts_in_submit_order(workload):
     assert sim.start == sorted(sim.start)
 
 
-class WatchedEASY(EASY):
-    """EASY that notes the shadow time it gives each blocked head."""
-
-    def __init__(self) -> None:
-        self.promised: dict[int, float] = {}
-
-    def pick(self, now, queue, procs, estimate, free, ends, known=0):
-        started = super().pick(now, queue, procs, estimate, free, ends, known)
-        if queue:
-            head = queue[0]
-            shadow = shadow_time(now, procs[head], free - sum(procs[k] for k in started),
-                                 procs, ends)[0]
-            self.promised[head] = min(self.promised.get(head, math.inf), shadow)
-        return started
+def promises(policy: Policy, now, queue, procs, free, ends) -> dict[int, float]:
+    """The start times a policy has promised: EASY's shadow time for the blocked head,
+    conservative's reservations."""
+    if isinstance(policy, Conservative):
+        return dict(policy.reserved)
+    return {queue[0]: shadow_time(now, procs[queue[0]], free, procs, ends)[0]} if queue else {}
 
 
-@PROPERTY
-@given(workload=workloads())
-def test_easy_never_delays_the_head_past_its_reservation(workload):
-    capacity, jobs = workload
-    policy = WatchedEASY()
-    sim = simulate(jobs, policy, capacity, kill_at_limit=True)
-    for head, shadow in policy.promised.items():
-        assert sim.start[head] <= shadow
-
-
-class WatchedConservative(Conservative):
-    """Conservative backfilling that notes every reservation it makes."""
+class Watched:
+    """Notes every promise a policy makes, and checks that a promise only moves earlier."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,17 +93,28 @@ class WatchedConservative(Conservative):
 
     def pick(self, now, queue, procs, estimate, free, ends, known=0):
         started = super().pick(now, queue, procs, estimate, free, ends, known)
-        for key, at in self.reserved.items():
-            assert at <= self.promised.get(key, math.inf)  # a reservation only moves earlier
+        left = free - sum(procs[key] for key in started)
+        for key, at in promises(self, now, queue, procs, left, ends).items():
+            assert at <= self.promised.get(key, math.inf)
             self.promised[key] = at
         return started
 
 
+class WatchedEASY(Watched, EASY):
+    pass
+
+
+class WatchedConservative(Watched, Conservative):
+    pass
+
+
+@pytest.mark.parametrize("watched", [WatchedEASY, WatchedConservative])
 @PROPERTY
 @given(workload=workloads())
-def test_conservative_never_delays_an_earlier_reservation(workload):
+def test_no_job_starts_after_a_reservation_it_was_given(watched, workload):
+    # EASY: the head never starts after its shadow time; conservative: after any reservation
     capacity, jobs = workload
-    policy = WatchedConservative()
+    policy = watched()
     sim = simulate(jobs, policy, capacity, kill_at_limit=True)
     for key, at in policy.promised.items():
         assert sim.start[key] <= at
