@@ -117,3 +117,9 @@ def test_make_policy_by_name_and_by_reference():
 def test_make_policy_errors(name, message):
     with pytest.raises(ConfigError, match=message):
         make_policy(name)
+
+
+def test_a_job_wider_than_the_machine_never_starts_and_blocks_nobody_else_in_conservative():
+    waiting = [WaitingJob(1, 9, 0, 5), WaitingJob(2, 1, 1, 5)]
+    assert [j.key for j in Conservative().select(2, waiting, [], 4)] == [2]
+    assert FCFS().select(2, waiting, [], 4) == []

@@ -220,8 +220,9 @@ class EASY(QueuePolicy):
 
 class Conservative(QueuePolicy):
     """Conservative backfilling: every waiting job holds a reservation, made when it is first
-    seen; a job starts now when its reservation can be moved to now. Reservations only move
-    earlier (compression in queue order), so no job is ever delayed by a later one."""
+    seen; a job starts now when its reservation can be moved to now. After a job ends, every
+    reservation is moved as early as it can go, in queue order (compression); none ever moves
+    later, so no job is delayed by a later one."""
 
     name = "conservative"
 
@@ -235,9 +236,9 @@ class Conservative(QueuePolicy):
     def pick(self, now, queue, procs, estimate, free, ends, known=0):
         profile = self.profile
         left_free, left_ends, left_queue = self.left
-        known = len(left_queue)
+        placed = len(left_queue)  # its own test of what the simulator's ``known`` says
         if not (profile is not None and free == left_free and ends == left_ends
-                and queue[:known] == left_queue and profile.advance(now)):
+                and queue[:placed] == left_queue and profile.advance(now)):
             # something ended (or the clock passed a reservation): build it all, compress all
             profile = Profile(now, free)
             for end, key in ends:
@@ -245,10 +246,10 @@ class Conservative(QueuePolicy):
             self.reserved = {key: self.reserved[key] for key in queue if key in self.reserved}
             for key, at in self.reserved.items():
                 profile.reserve(at, estimate[key], procs[key])
-            known = 0
+            placed = 0
         reserved = self.reserved
         started = []
-        for key in islice(queue, known, None):
+        for key in islice(queue, placed, None):
             need, length = procs[key], estimate[key]
             old = reserved.pop(key, None)
             if old is not None:
@@ -310,7 +311,8 @@ class Profile:
             free[i] -= procs
 
     def earliest(self, procs: int, length: float) -> float:
-        """The first time from which ``procs`` processors stay free for ``length`` seconds."""
+        """The first time from which ``procs`` processors stay free for ``length`` seconds
+        (INFINITY: never, the job is wider than the machine)."""
         times, free = self.times, self.free
         count = len(times)
         i = 0
@@ -326,7 +328,7 @@ class Profile:
             if j == count or times[j] >= end:
                 return start
             i = j + 1
-        raise ValueError(f"a job of {procs} processors never fits this machine")
+        return INFINITY
 
 
 POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (FCFS, SJF, EASY, Conservative)}
