@@ -361,3 +361,25 @@ def test_journal_and_state_dir_are_private(local_backend, tmp_path):
     fresh = tmp_path / "fresh-state"
     LocalBackend(state_dir=fresh).close()
     assert fresh.stat().st_mode & 0o077 == 0
+
+
+def test_a_second_journal_in_one_process_keeps_the_first_ones_locks(state_dir):
+    """Opening a journal must not drop another connection's POSIX locks (closing any
+    descriptor of the file would): otherwise another process, closing last as it thinks,
+    removes the write-ahead log under our feet and our later writes are lost."""
+    from gridcouple.scheduler.journal import Journal
+
+    path = state_dir / "journal.sqlite"
+    count = f"from gridcouple.scheduler.journal import Journal; j = Journal({str(path)!r})"
+    first = Journal(path)
+    try:
+        first.add("local", [JobSpec(argv=("true",))])
+        Journal(path).close()
+        subprocess.run([PY, "-c", count + "; j.add('local', [j.get([1])[0].job.spec]); "
+                        "j.close()"], check=True)
+        first.add("local", [JobSpec(argv=("true",))] * 3)
+        seen = subprocess.run([PY, "-c", count + "; print(len(j.records()))"], check=True,
+                              capture_output=True, text=True).stdout
+        assert seen.strip() == "5"
+    finally:
+        first.close()

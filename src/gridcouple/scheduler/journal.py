@@ -10,7 +10,6 @@ crash may lose the last transactions.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -76,12 +75,15 @@ class Journal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Specs may carry secrets (the coupler's per-application token): owner only.
-        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._lock = threading.RLock()
         self._specs: dict[int, JobSpec] = {}  # specs never change once recorded
         self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
+        # Specs may carry secrets (the coupler's per-application token): owner only. chmod,
+        # never open+close: closing any descriptor of the file would drop sqlite's POSIX locks
+        # held by other connections of this process, and corrupt the database.
+        if self.path.stat().st_mode & 0o077:
+            self.path.chmod(0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self.transaction() as db:
