@@ -12,7 +12,7 @@ from rich.table import Table
 
 from gridcouple.cli import app
 from gridcouple.errors import ConfigError
-from gridcouple.scheduler.engine import Machine, Simulator
+from gridcouple.scheduler.engine import simulate as simulate_jobs
 from gridcouple.scheduler.metrics import DEFAULT_TAU, simulator_metrics
 from gridcouple.scheduler.policies import make_policy
 from gridcouple.scheduler.swf import (
@@ -91,10 +91,8 @@ def simulate(
     several = len(policy) > 1
     for name in policy:
         began = time.perf_counter()
-        simulator = Simulator(Machine.processors(replay.procs), make_policy(name),
-                              kill_at_limit=kill_at_estimate)
-        simulator.add(replay.jobs)
-        simulator.run()
+        simulator = simulate_jobs(replay.jobs, make_policy(name), replay.procs,
+                                  kill_at_limit=kill_at_estimate)
         seconds = time.perf_counter() - began
         metrics = simulator_metrics(simulator, tau)
         table.add_column(name, justify="right")
