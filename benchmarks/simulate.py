@@ -225,9 +225,14 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as scratch:
             starts, peer_seconds = accasim(peer, jobs, theirs_name, Path(scratch))
         count, gap = differences(simulator.start, starts)
+        ours_wait = statistics.fmean(s - j.submit for s, j in zip(simulator.start, jobs,
+                                                                   strict=True))
+        theirs_wait = statistics.fmean(starts[n] - j.submit for n, j in enumerate(jobs)
+                                       if n in starts)
         print(f"AccaSim {theirs_name:4} on {len(jobs):,} SDSC-SP2 jobs: {peer_seconds:.1f} s; "
               f"ours ({ours_name}) {seconds:.3f} s: {peer_seconds / seconds:,.0f}x faster; "
-              f"{count:,} jobs start at another time (largest gap {gap:,.0f} s)")
+              f"{count:,} jobs start at another time (largest gap {gap:,.0f} s); mean wait "
+              f"{theirs_wait:,.0f} s there, {ours_wait:,.0f} s here")
         if theirs_name == "EBF":
             compat_policy = AccaSimEBF()
             compat, compat_seconds = run(peer, compat_policy, compat_policy.idle)
