@@ -44,7 +44,7 @@ def simulate(
         "repeat to compare side by side.")] = ["easy"],  # noqa: B006  (typer needs a list)
     procs: Annotated[int | None, typer.Option(
         help="Machine size (default: the trace's MaxProcs).", show_default=False)] = None,
-    tau: Annotated[float, typer.Option(help="Bounded slowdown threshold [s].")] = DEFAULT_TAU,
+    tau: Annotated[float, typer.Option(help="Bounded slowdown threshold (seconds).")] = DEFAULT_TAU,
     out: Annotated[Path | None, typer.Option(
         help="Write the simulated schedule as SWF (NAME-POLICY.swf for several).",
         show_default=False)] = None,
