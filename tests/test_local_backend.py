@@ -383,3 +383,21 @@ def test_a_second_journal_in_one_process_keeps_the_first_ones_locks(state_dir):
         assert seen.strip() == "5"
     finally:
         first.close()
+
+
+def test_cancel_with_a_signal_first_lets_the_job_checkpoint(local_backend, tmp_path):
+    ready, checkpoint = tmp_path / "ready", tmp_path / "checkpoint"
+    script = (f"trap 'echo saved > {checkpoint}; exit 0' USR1; echo up > {ready}; "
+              "while :; do sleep 0.1; done")
+    [job] = local_backend.submit([sh(script)])
+    wait_for_file(ready)
+    local_backend.cancel([job], signal="USR1", grace=10)
+    [status] = local_backend.wait([job], timeout=15)
+    assert checkpoint.read_text() == "saved\n"
+    assert status.state is JobState.COMPLETED  # it ended on its own within the grace period
+
+
+def test_unknown_signal_is_refused(local_backend):
+    [job] = local_backend.submit([sh("sleep 30")])
+    with pytest.raises(BackendError, match="unknown signal 'NOPE'"):
+        local_backend.cancel([job], signal="NOPE")

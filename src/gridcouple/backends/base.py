@@ -71,8 +71,12 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def cancel(self, jobs: Sequence[Job]) -> None:
-        """Cancel jobs; waiting jobs leave the queue, running jobs are stopped."""
+    def cancel_now(self, jobs: Sequence[Job]) -> None:
+        """Cancel jobs at once: waiting jobs leave the queue, running jobs are stopped."""
+
+    def send_signal(self, jobs: Sequence[Job], signal: str) -> None:
+        """Send ``signal`` (a name such as ``"USR1"``) to every process of the running jobs."""
+        raise BackendError(f"the {self.name} backend cannot signal jobs")
 
     def hold(self, jobs: Sequence[Job]) -> None:
         """Keep waiting jobs from starting until released."""
@@ -88,6 +92,15 @@ class Backend(abc.ABC):
             self.journal.close()
 
     # --- shared on top of the journal and query -----------------------------------------
+
+    def cancel(self, jobs: Sequence[Job], *, signal: str | None = None,
+               grace: float = 10.0) -> None:
+        """Cancel jobs. With ``signal`` (e.g. ``"USR1"``, for a code that checkpoints on it),
+        running jobs get that signal first and ``grace`` seconds to end on their own."""
+        if signal:
+            self.send_signal(jobs, signal)
+            self.wait(jobs, timeout=grace)
+        self.cancel_now(jobs)
 
     def status(self, jobs: Sequence[Job]) -> list[JobStatus]:
         """Statuses in the order of ``jobs``; final ones come from the journal unqueried."""

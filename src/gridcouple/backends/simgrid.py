@@ -167,7 +167,8 @@ class SimGridBackend(Backend):
             end_time=sim.end[number] if state.is_final else None,
             host=",".join(sim.machine.workers[i].name for i in placement))
 
-    def cancel(self, jobs: Sequence[Job]) -> None:
+    def cancel_now(self, jobs: Sequence[Job]) -> None:
+        """End the jobs in the simulation at the current simulated time."""
         for job in jobs:
             number = self.numbers.get(job.id)
             if number is not None:

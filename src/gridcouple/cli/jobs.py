@@ -216,6 +216,8 @@ def status(
 @app.command()
 def cancel(
     ids: Annotated[list[int], typer.Argument(help="Job ids.")],
+    signal: Annotated[str | None, typer.Option("--signal", "-s", help="Send this signal (e.g. USR1) to running jobs first.")] = None,
+    grace: Annotated[float, typer.Option(help="Seconds to wait after --signal before cancelling.")] = 10.0,
     config: ConfigOption = None,
 ) -> None:
     """Cancel jobs: waiting ones leave the queue, running ones are stopped."""
@@ -225,7 +227,7 @@ def cancel(
         for record in session.journal.get(ids):
             by_backend[record.job.backend].append(record.job)
         for name, jobs in by_backend.items():
-            session.backend(name).cancel(jobs)
+            session.backend(name).cancel(jobs, signal=signal, grace=grace)
             for job in jobs:
                 say(f"Canceled job {job.id} ({name} {job.native_id})")
     finally:

@@ -9,9 +9,11 @@ a local socket. Jobs therefore outlive the process that submitted them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal as signal_module
 import socket
 import subprocess
 import sys
@@ -156,7 +158,19 @@ class LocalBackend(Backend):
             if not self._send({"op": "ping"}):
                 self.wake_daemon()
 
-    def cancel(self, jobs: Sequence[Job]) -> None:
+    def send_signal(self, jobs: Sequence[Job], signal: str) -> None:
+        """Signal the process group of each running job (the daemon's children)."""
+        try:
+            signum = signal_module.Signals["SIG" + signal.upper().removeprefix("SIG")]
+        except KeyError:
+            raise BackendError(f"unknown signal {signal!r}") from None
+        for record in self.journal.get(job.id for job in jobs):
+            pid = record.extra.get("pid")
+            if record.status.state is JobState.ACTIVE and pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signum)
+
+    def cancel_now(self, jobs: Sequence[Job]) -> None:
         """Waiting jobs end at once; running ones get SIGTERM, then SIGKILL after the grace
         period, to their whole process group."""
         now = time.time()

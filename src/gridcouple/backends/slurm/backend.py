@@ -437,18 +437,18 @@ class SlurmBackend(Backend):
 
     # --- control ------------------------------------------------------------------------------
 
-    def cancel(self, jobs: Sequence[Job], *, signal: str | None = None,
-               grace: float = 10.0) -> None:
-        """scancel the jobs. With ``signal`` (e.g. ``"USR1"``), first send it to every process
-        of the running jobs and give them ``grace`` seconds to end on their own."""
+    def cancel_now(self, jobs: Sequence[Job]) -> None:
+        """scancel the jobs."""
         self.journal.request_cancel(job.id for job in jobs)
         native = self._native_ids(jobs)
-        if not native:
-            return
-        if signal:
+        if native:
+            self._job_command("scancel", [], native)
+
+    def send_signal(self, jobs: Sequence[Job], signal: str) -> None:
+        """scancel --signal --full: every process of the running jobs, batch shell included."""
+        native = self._native_ids(jobs)
+        if native:
             self._job_command("scancel", [f"--signal={signal}", "--full"], native)
-            self.wait(jobs, timeout=grace)
-        self._job_command("scancel", [], native)
 
     def hold(self, jobs: Sequence[Job]) -> None:
         """scontrol hold: waiting jobs stay PENDING (JobHeldAdmin/JobHeldUser) until released."""
