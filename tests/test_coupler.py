@@ -154,3 +154,19 @@ def test_with_tls_configured_the_scheduler_and_the_direct_channels_use_it(config
         while "secure" not in coupler.scheduler_members():  # joined the scheduler over TLS
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_call_timeout_ends_a_call_to_a_stuck_server(config_file):
+    config_file.write_text(config_file.read_text() + "call_timeout = 1.0\n")
+    with Coupler.from_config(config_file) as coupler:
+        sleeper = coupler.allocate("test_appkit_apps:Sleeper", name="stuck")
+        started = time.monotonic()
+        with pytest.raises(TransportError, match=r"stuck.solve_step did not return within 1 s"):
+            sleeper.solve_step(TimeStep(30.0, 30.0, 1))
+        assert time.monotonic() - started < 5
+        with pytest.raises(TransportError):
+            sleeper.get_critical_time_step()  # the proxy is closed, not out of step
+        pid_job = next(iter(coupler._members.values())).job
+        backend = coupler.backend
+    [status] = statuses_after(backend, [pid_job])
+    assert status.state.is_final  # leaving the block still ended the job

@@ -52,10 +52,15 @@ class CouplerSection:
     host: str = "127.0.0.1"
     port: int = 0
     join_timeout: float = 120.0
+    call_timeout: float = 0.0  # seconds a call may take before it fails; 0 = no limit
     field_store: str = ""  # directory or fsspec URL for field versions; "" = a temporary one
     tls_ca_file: Path | None = None  # TLS for the scheduler; required beyond loopback
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.join_timeout <= 0 or self.call_timeout < 0:
+            raise ValueError("join_timeout must be positive and call_timeout not negative")
 
 
 SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection}

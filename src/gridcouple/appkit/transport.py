@@ -24,6 +24,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -53,6 +54,10 @@ class AuthenticationError(TransportError):
 
 class ConnectionLostError(TransportError):
     """The peer closed the connection or vanished."""
+
+
+class CallTimeoutError(TransportError):
+    """A call did not return within the proxy's ``call_timeout``; the proxy is closed."""
 
 
 class RemoteError(GridcoupleError):
@@ -355,14 +360,17 @@ class ApplicationProxy:
 
     ``on_lost`` turns a lost connection into the error to raise (the coupler names the job,
     its state and its stderr there); ``check_alive`` is called every ``poll_interval`` seconds
-    while a call waits and may raise to end the wait.
+    while a call waits and may raise to end the wait. ``call_timeout`` (seconds, None for no
+    limit) bounds how long a call may wait for a server that is alive but does not answer.
     """
 
     def __init__(self, endpoint: str, token: str, *, name: str = "application",
                  on_lost: Callable[[Exception], Exception] | None = None,
                  check_alive: Callable[[], None] | None = None,
-                 poll_interval: float = 0.5, tls: ssl.SSLContext | None = None) -> None:
+                 poll_interval: float = 0.5, tls: ssl.SSLContext | None = None,
+                 call_timeout: float | None = None) -> None:
         self._endpoint = endpoint
+        self.call_timeout = call_timeout
         self._name = name
         self._on_lost = on_lost
         self._check_alive = check_alive
@@ -408,7 +416,7 @@ class ApplicationProxy:
             request = frame([method, list(args), kwargs])  # TypeError here leaves us usable
             try:
                 channel.send_parts(request)
-                self._await_reply(channel)
+                self._await_reply(channel, method)
                 status, value = channel.receive()
             except (OSError, ConnectionLostError) as exc:
                 raise self._lose(exc) from exc
@@ -431,13 +439,24 @@ class ApplicationProxy:
                 self._channel = None
             self._lost = self._lost or TransportError(f"the proxy of {self._name} is closed")
 
-    def _await_reply(self, channel: Channel) -> None:
-        if channel.has_buffered() or self._check_alive is None:
+    def _await_reply(self, channel: Channel, method: str) -> None:
+        if channel.has_buffered() or (self._check_alive is None and self.call_timeout is None):
             return
+        deadline = None if self.call_timeout is None else time.monotonic() + self.call_timeout
         poller = select.poll()
         poller.register(channel.sock, select.POLLIN)
-        while not poller.poll(self._poll_interval * 1000):
-            self._check_alive()
+        while True:
+            wait = self._poll_interval
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            if poller.poll(wait * 1000):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise CallTimeoutError(f"{self._name}.{method} did not return within "
+                                       f"{self.call_timeout:g} s (call_timeout); the proxy "
+                                       "is closed, the application still runs")
+            if self._check_alive is not None:
+                self._check_alive()
 
     def _lose(self, exc: Exception) -> Exception:
         if self._channel is not None:

@@ -221,7 +221,8 @@ class Coupler:
                 member.endpoint or "", member.token, name=member.name,
                 on_lost=lambda exc, m=member: self._failure(m, exc),
                 check_alive=lambda m=member: self._check_alive(m),
-                tls=self._tls[1] if self._tls else None)
+                tls=self._tls[1] if self._tls else None,
+                call_timeout=self.config.section("coupler").call_timeout or None)
         return [m.proxy for m in members if m.proxy is not None]
 
     def _new_member(self, request: AppRequest) -> _Member:
