@@ -401,3 +401,18 @@ def test_unknown_signal_is_refused(local_backend):
     [job] = local_backend.submit([sh("sleep 30")])
     with pytest.raises(BackendError, match="unknown signal 'NOPE'"):
         local_backend.cancel([job], signal="NOPE")
+
+
+def test_memory_limit_is_enforced_on_the_whole_process_group(local_backend):
+    hog = f"{PY} -c \"import time; b = b'x' * (300 * 2**20); time.sleep(30)\""
+    small = f"{PY} -c \"import time; b = b'x' * (20 * 2**20); time.sleep(1.5)\""
+    over, under = local_backend.submit([
+        sh(f"{hog} & wait", resources=Resources(memory_mb=150)),  # the child holds the memory
+        sh(small, resources=Resources(memory_mb=400)),
+    ])
+    over_status, under_status = local_backend.wait([over, under], timeout=30)
+    assert over_status.state is JobState.FAILED
+    assert over_status.native_state == "OUT_OF_MEMORY"
+    assert "exceeded the 150 MiB asked for" in over_status.reason
+    assert over_status.end_time - over_status.start_time < 10
+    assert under_status.state is JobState.COMPLETED

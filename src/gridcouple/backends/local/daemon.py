@@ -38,6 +38,8 @@ from gridcouple.scheduler.policies import RunningJob, WaitingJob, make_policy
 log = logging.getLogger("gridcouple.local.daemon")
 
 RESYNC_INTERVAL = 5.0  # read the journal at least this often, even without a wake-up
+MEMORY_CHECK_INTERVAL = 1.0  # how often jobs with a memory limit have their memory sampled
+PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @dataclass
@@ -52,7 +54,9 @@ class RunningProcess:
     deadline: float | None  # walltime end (epoch seconds)
     process: subprocess.Popen[bytes] | None = None
     pidfd: int | None = None
-    ending: str | None = None  # "cancel" or "timeout" once we signalled it
+    memory_mb: int | None = None  # resident memory limit of the whole process group
+    peak_memory_mb: float = 0.0
+    ending: str | None = None  # "cancel", "timeout" or "memory" once we signalled it
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM
 
 
@@ -75,6 +79,7 @@ class Daemon:
         self.needs_sync = True
         self.last_sync = 0.0
         self.stopping = False
+        self.next_memory_check = 0.0
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -126,6 +131,7 @@ class Daemon:
         if self.needs_sync or time.monotonic() - self.last_sync > RESYNC_INTERVAL:
             self._sync()
         self._enforce_deadlines()
+        self._enforce_memory()
         self._schedule()
         self._flush()
 
@@ -136,6 +142,8 @@ class Daemon:
             for moment in (run.deadline if run.ending is None else None, run.kill_at):
                 if moment is not None:
                     moments.append(moment - now)
+        if any(run.memory_mb for run in self.running.values()):
+            moments.append(self.next_memory_check - time.monotonic())
         if idle_since is not None:
             moments.append(self.options.idle_exit - (time.monotonic() - idle_since))
         return max(0.0, min(moments))
@@ -278,7 +286,7 @@ class Daemon:
         self.running[job_id] = RunningProcess(
             job_id=job_id, pid=process.pid, procs=spec.resources.cpus, start_time=now,
             estimate=spec.estimate or walltime, deadline=now + walltime if walltime else None,
-            process=process)
+            memory_mb=spec.resources.memory_mb, process=process)
         self.extra[job_id] = {"pid": process.pid, "proc_start": _proc_start(process.pid) or 0}
 
     # --- watching and ending ---------------------------------------------------------------
@@ -302,6 +310,21 @@ class Daemon:
                 _kill_group(run.pid, signal.SIGKILL)
                 run.kill_at = None
 
+    def _enforce_memory(self) -> None:
+        """Like Slurm's OverMemoryKill without cgroups: sample the resident memory of each
+        limited job's process group; a job over its limit is killed at once."""
+        limited = {run.pid: run for run in self.running.values()
+                   if run.memory_mb and run.ending is None}
+        if not limited or time.monotonic() < self.next_memory_check:
+            return
+        self.next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL
+        for pgid, resident_mb in _resident_memory_by_group(set(limited)).items():
+            run = limited[pgid]
+            run.peak_memory_mb = max(run.peak_memory_mb, resident_mb)
+            if resident_mb > run.memory_mb:
+                run.ending = "memory"
+                _kill_group(pgid, signal.SIGKILL)
+
     def _signal(self, run: RunningProcess, signum: int, why: str) -> None:
         run.ending = why
         run.kill_at = time.time() + self.options.grace_period
@@ -315,12 +338,17 @@ class Daemon:
             os.close(run.pidfd)
         del self.running[run.job_id]
         exit_code = signum = None
+        native_state = ""
         if returncode is not None and returncode < 0:
             signum = -returncode
         elif returncode is not None:
             exit_code = returncode
         if run.ending == "cancel":
             state, reason = JobState.CANCELED, "canceled by user"
+        elif run.ending == "memory":
+            state, native_state = JobState.FAILED, "OUT_OF_MEMORY"
+            reason = (f"resident memory {run.peak_memory_mb:.0f} MiB exceeded the "
+                      f"{run.memory_mb} MiB asked for")
         elif run.ending == "timeout":
             state = JobState.TIMEOUT
             reason = f"walltime of {run.deadline - run.start_time:g} s reached"
@@ -332,8 +360,8 @@ class Daemon:
         else:
             state, reason = JobState.FAILED, ""
         self.changes.append((run.job_id, JobStatus(
-            state, reason=reason, exit_code=exit_code, signal=signum, start_time=run.start_time,
-            end_time=time.time(), host=self.host)))
+            state, native_state=native_state, reason=reason, exit_code=exit_code, signal=signum,
+            start_time=run.start_time, end_time=time.time(), host=self.host)))
 
     def _adopt(self) -> None:
         """Take over the jobs an earlier daemon started and left running."""
@@ -355,7 +383,8 @@ class Daemon:
             self.running[job_id] = RunningProcess(
                 job_id=job_id, pid=pid, procs=spec.resources.cpus, start_time=start,
                 estimate=spec.estimate or walltime,
-                deadline=start + walltime if walltime else None, pidfd=pidfd)
+                deadline=start + walltime if walltime else None,
+                memory_mb=spec.resources.memory_mb, pidfd=pidfd)
             log.info("adopted job %d (pid %d)", job_id, pid)
         self._flush()
 
@@ -387,6 +416,24 @@ def _spawn(spec: JobSpec, home: Path, job_id: int, state_dir: Path,
 def _kill_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
+
+
+def _resident_memory_by_group(groups: set[int]) -> dict[int, float]:
+    """Resident memory in MiB summed over the processes of each process group in ``groups``."""
+    usage: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        fields = text[text.rindex(b")") + 2 :].split()
+        group = int(fields[2])
+        if group in groups:
+            usage[group] = usage.get(group, 0.0) + int(fields[21]) * PAGE_MB
+    return usage
 
 
 def _proc_start(pid: int) -> int | None:
