@@ -39,7 +39,7 @@ ConfigOption = Annotated[
 ]
 BackendOption = Annotated[
     str | None,
-    typer.Option("--backend", "-b", help="Backend name; overrides [backend] name and "
+    typer.Option("--backend", "-b", help="Backend name; overrides the one in the config file and "
                  "$GRIDCOUPLE_BACKEND.", show_default=False),
 ]
 
