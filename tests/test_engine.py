@@ -3,6 +3,7 @@ and availability, overruns, cancellation."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 
@@ -20,7 +21,15 @@ from gridcouple.scheduler.engine import (
     finish_time,
     simulate,
 )
-from gridcouple.scheduler.policies import EASY, Conservative, Policy, make_policy, shadow_time
+from gridcouple.scheduler.policies import (
+    EASY,
+    Conservative,
+    Policy,
+    Profile,
+    expected_end,
+    make_policy,
+    shadow_time,
+)
 from test_policies import ViaSelect
 
 # GRIDCOUPLE_EXAMPLES=2000 for a deeper search than CI's
@@ -202,3 +211,63 @@ def test_a_policy_that_idles_is_caught_or_woken():
     sim.wake(5)
     sim.run()
     assert (sim.stranded(), sim.start, sim.end) == (0, [5], [6])
+
+
+class PreviousConservative(Conservative):
+    """The conservative backfilling this module's faster one replaced, kept as the reference:
+    after anything ended it rebuilds the profile reservation by reservation and takes every
+    reservation out and searches it again, in queue order."""
+
+    def pick(self, now, queue, procs, estimate, free, ends, known=0):
+        profile = self.profile
+        left_free, left_ends, left_queue = self.left
+        placed = len(left_queue)
+        if not (profile is not None and free == left_free and ends == left_ends
+                and queue[:placed] == left_queue and profile.advance(now)):
+            profile = Profile(now, free)
+            for end, key in ends:  # free for good from then on
+                profile.reserve(max(end, math.nextafter(now, math.inf)), math.inf, -procs[key])
+            self.reserved = {key: self.reserved[key] for key in queue if key in self.reserved}
+            for key, at in self.reserved.items():
+                profile.reserve(at, estimate[key], procs[key])
+            placed = 0
+        started = []
+        for key in queue[placed:]:
+            need, length = procs[key], estimate[key]
+            old = self.reserved.pop(key, None)
+            if old is not None:
+                profile.reserve(old, length, -need)
+            at = profile.earliest(need, length)
+            profile.reserve(at, length, need)
+            if at == now:
+                started.append(key)
+                bisect.insort(ends, (expected_end(now, length), key))
+            else:
+                self.reserved[key] = at
+        queue[:] = [key for key in queue if key not in started]
+        self.profile = profile
+        self.left = (free - sum(procs[key] for key in started), list(ends), list(queue))
+        return started
+
+
+@st.composite
+def overrunning_workloads(draw) -> tuple[int, list[SimJob]]:
+    """Jobs whose run time may exceed their estimate (overdue jobs over-commit the profile),
+    zero-length jobs, and busy stretches that make reservations move."""
+    capacity = draw(st.integers(1, 8))
+    jobs = []
+    for _ in range(draw(st.integers(1, 30))):
+        run = draw(st.integers(0, 30))
+        estimate = max(0, run + draw(st.sampled_from([0, 0, 1, 5, 40, -3, -10])))
+        jobs.append(SimJob(submit=draw(st.integers(0, 40)), procs=draw(st.integers(1, capacity)),
+                           estimate=estimate, work=run, limit=estimate))
+    return capacity, sorted(jobs, key=lambda j: j.submit)
+
+
+@PROPERTY
+@given(workload=overrunning_workloads(), kill=st.booleans())
+def test_conservative_gives_the_previous_algorithms_schedule(workload, kill):
+    capacity, jobs = workload
+    fast = simulate(jobs, Conservative(), capacity, kill_at_limit=kill)
+    reference = simulate(jobs, PreviousConservative(), capacity, kill_at_limit=kill)
+    assert fast.start == reference.start

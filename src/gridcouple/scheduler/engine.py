@@ -253,6 +253,7 @@ class Simulator:
         queue, ends = self._queue, self._ends
         fast, by_estimate, uniform = self._fast, self._by_estimate, self._uniform
         pick = self.policy.pick if fast else None  # type: ignore[attr-defined]
+        idle_when_full = fast and self.policy.idle_when_full  # type: ignore[attr-defined]
         work, limit, kill = self._work, self._limit, self.kill_at_limit
         jobs = self.jobs
         waiting, running, completed = SimState.WAITING, SimState.RUNNING, SimState.COMPLETED
@@ -275,8 +276,9 @@ class Simulator:
                 if state[number] == running:
                     state[number] = killed if number in doomed else completed
                 if fast:
-                    ends.pop(bisect_left(ends, (expected_end(start[number], estimate[number]),
-                                                number)))
+                    length = estimate[number]
+                    expected = start[number] if length == INFINITY else start[number] + length
+                    ends.pop(bisect_left(ends, (expected, number)))
                 else:
                     del self._running[number]
                 if not uniform:
@@ -295,6 +297,9 @@ class Simulator:
                 else:
                     queue.append(number)
             if fast:
+                if free == 0 and idle_when_full:
+                    done += 1  # nothing can start; the next call comes after a job ended
+                    continue
                 started = pick(now, queue, procs, estimate, free, ends, known)
             else:
                 started = self._select(now, free)

@@ -88,6 +88,9 @@ class QueuePolicy(Policy):
     """
 
     by_estimate: ClassVar[bool] = False
+    #: True when ``pick`` only ever starts jobs that fit now, and keeps nothing that must see
+    #: every arrival: then the simulator does not call it while no processor is free
+    idle_when_full: ClassVar[bool] = False
 
     @abc.abstractmethod
     def pick(self, now: float, queue: list[int], procs: Lookup, estimate: Lookup, free: int,
@@ -142,6 +145,7 @@ class FCFS(QueuePolicy):
     """First come, first served: start jobs in submit order until the head does not fit."""
 
     name = "fcfs"
+    idle_when_full = True
 
     def pick(self, now, queue, procs, estimate, free, ends, known=0):
         return start_in_order(now, queue, procs, estimate, free, ends)[0]
@@ -160,17 +164,20 @@ def shadow_time(now: float, need: int, free: int, procs: Lookup,
     free then (the "extra" processors), and whether that moment is still ahead of ``now``
     (False: the reservation rests on a job that is overdue)."""
     available = free
-    count = len(ends)
-    index = 0
-    while index < count and available < need:
-        available += procs[ends[index][1]]
-        index += 1
+    running = iter(ends)
+    shadow = now
     if available < need:
-        return INFINITY, 0, True
-    shadow = max(ends[index - 1][0], now) if index else now
-    while index < count and ends[index][0] <= shadow:  # all that ends by then is free then
-        available += procs[ends[index][1]]
-        index += 1
+        for end, key in running:
+            available += procs[key]
+            if available >= need:
+                shadow = end if end > now else now
+                break
+        else:
+            return INFINITY, 0, True
+    for end, key in running:  # all that ends by then is free then
+        if end > shadow:
+            break
+        available += procs[key]
     return shadow, available - need, shadow > now
 
 
@@ -180,28 +187,38 @@ class EASY(QueuePolicy):
     need then (the "extra" processors)."""
 
     name = "easy"
+    idle_when_full = True
 
     def __init__(self) -> None:
         self.reservation: tuple[int, float, int] | None = None  # (head, shadow, extra) left
 
     def pick(self, now, queue, procs, estimate, free, ends, known=0):
-        started, free = start_in_order(now, queue, procs, estimate, free, ends)
+        if queue and procs[queue[0]] <= free:
+            started, free = start_in_order(now, queue, procs, estimate, free, ends)
+        else:
+            started = []
         if len(queue) < 2 or free == 0:
             self.reservation = None
             return started
         last = self.reservation
+        shadow = extra = None  # found at the first job that fits the free processors
         if known and not started and last is not None and last[0] == queue[0] and last[1] > now:
             shadow, extra, first = last[1], last[2], known  # nothing changed but the clock
-        else:
+        elif known and not started:
             shadow, extra, ahead = shadow_time(now, procs[queue[0]], free, procs, ends)
-            first = max(1, known) if ahead and not started else 1
-        limit = shadow - now
+            first = max(1, known) if ahead else 1
+        else:
+            first = 1
+        limit = INFINITY if shadow is None else shadow - now
         insort = bisect.insort
         count = len(started)
         for key in islice(queue, first, None):
             need = procs[key]
             if need > free:
                 continue
+            if shadow is None:
+                shadow, extra, _ = shadow_time(now, procs[queue[0]], free, procs, ends)
+                limit = shadow - now
             length = estimate[key]
             if length > limit:
                 if need > extra:
@@ -214,7 +231,8 @@ class EASY(QueuePolicy):
                 break
         for key in started[count:]:
             queue.remove(key)
-        self.reservation = (queue[0], shadow, extra) if shadow > now else None
+        self.reservation = (queue[0], shadow, extra) if shadow is not None and shadow > now \
+            else None
         return started
 
 
@@ -232,32 +250,55 @@ class Conservative(QueuePolicy):
         # jobs and queue; when only new jobs came since, the next pass places just those
         self.profile: Profile | None = None
         self.left: tuple[int, list[tuple[float, int]], list[int]] = (0, [], [])
+        self.vacated: list[tuple[float, int]] = []  # what the last compression moved out of
 
     def pick(self, now, queue, procs, estimate, free, ends, known=0):
         profile = self.profile
         left_free, left_ends, left_queue = self.left
         placed = len(left_queue)  # its own test of what the simulator's ``known`` says
+        gains: Gains | None = Gains()
         if not (profile is not None and free == left_free and ends == left_ends
                 and queue[:placed] == left_queue and profile.advance(now)):
             # something ended (or the clock passed a reservation): build it all, compress all
-            profile = Profile(now, free)
-            for end, key in ends:
-                profile.release(max(end, math.nextafter(now, INFINITY)), procs[key])
             self.reserved = {key: self.reserved[key] for key in queue if key in self.reserved}
-            for key, at in self.reserved.items():
-                profile.reserve(at, estimate[key], procs[key])
-            placed = 0
+            built = Profile.build(now, free, [(end, procs[key]) for end, key in ends],
+                                  [(at, estimate[key], procs[key])
+                                   for key, at in self.reserved.items()])
+            # A reservation was the earliest slot when it was last placed, so only a window
+            # that reaches processors which came free since can move it: the rebuilt profile
+            # has more than the last one (a job ended early, a cancel), or the last compression
+            # or this one moved a reservation out. Over-committed (an overdue job): search all.
+            if profile is None or min(built.free) >= 0:
+                if profile is not None:
+                    built.gained(profile, gains)
+                for moment, most in self.vacated:
+                    gains.add(moment, most)
+            else:
+                gains = None
+            profile, placed, self.vacated = built, 0, []
         reserved = self.reserved
         started = []
         for key in islice(queue, placed, None):
             need, length = procs[key], estimate[key]
-            old = reserved.pop(key, None)
-            if old is not None:
-                profile.reserve(old, length, -need)  # take it out, then place it again
-            at = profile.earliest(need, length)
-            profile.reserve(at, length, need)
+            old = reserved.get(key)
+            if old is None:
+                at = profile.earliest(need, length)
+                profile.reserve(at, length, need)
+            else:
+                at = max(old, now)
+                moved = None if gains is None else profile.earlier(old, need, length,
+                                                                    gains.first(need))
+                if moved != at:  # take it out, note what it leaves free, place it again
+                    profile.reserve(old, length, -need)
+                    vacated = (at, profile.most_free(at, length))
+                    self.vacated.append(vacated)
+                    if gains is not None:
+                        gains.add(*vacated)
+                    at = profile.earliest(need, length) if moved is None else moved
+                    profile.reserve(at, length, need)
             if at == now:
                 started.append(key)
+                reserved.pop(key, None)
                 bisect.insort(ends, (expected_end(now, length), key))
             else:
                 reserved[key] = at
@@ -269,12 +310,65 @@ class Conservative(QueuePolicy):
         return started
 
 
+class Gains:
+    """Moments from which processors came free, with the most free then: ``first(procs)`` is
+    the first moment with at least ``procs`` (INFINITY: none). Kept as a staircase: a moment
+    with no more free than an earlier one adds nothing."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.most: list[int] = []  # increasing, as the times
+
+    def add(self, moment: float, most: int) -> None:
+        """From ``moment`` on, up to ``most`` processors came free."""
+        times, mosts = self.times, self.most
+        index = bisect.bisect_right(times, moment)
+        if index and mosts[index - 1] >= most:
+            return
+        end = index
+        while end < len(mosts) and mosts[end] <= most:
+            end += 1
+        times[index:end] = [moment]
+        mosts[index:end] = [most]
+
+    def first(self, procs: int) -> float:
+        """The first moment from which at least ``procs`` processors came free."""
+        index = bisect.bisect_left(self.most, procs)
+        return self.times[index] if index < len(self.times) else INFINITY
+
+
 class Profile:
     """Free processors over time from ``now`` on: a step function kept as two lists."""
 
     def __init__(self, now: float, free: int) -> None:
         self.times: list[float] = [now]
         self.free: list[int] = [free]
+
+    @classmethod
+    def build(cls, now: float, free: int, releases: Sequence[tuple[float, int]],
+              reservations: Sequence[tuple[float, float, int]]) -> Profile:
+        """The profile with running jobs' ``(expected end, procs)`` (overdue ones count free
+        from the next instant) and ``(start, length, procs)`` reservations, in one sweep: the
+        same steps as :meth:`reserve` one by one would give."""
+        after = math.nextafter(now, INFINITY)
+        changes: dict[float, int] = {}
+        for end, procs in releases:
+            time = max(end, after)
+            changes[time] = changes.get(time, 0) + procs
+        for start, length, procs in reservations:
+            start = max(start, now)
+            changes[start] = changes.get(start, 0) - procs
+            if length != INFINITY:
+                end = start + length if length > 0 else math.nextafter(start, INFINITY)
+                changes[end] = changes.get(end, 0) + procs
+        free += changes.pop(now, 0)
+        profile = cls(now, free)
+        times, steps = profile.times, profile.free
+        for time in sorted(changes):
+            free += changes[time]
+            times.append(time)
+            steps.append(free)
+        return profile
 
     def advance(self, now: float) -> bool:
         """Move the start to ``now``; False when a step begins in between (then rebuild)."""
@@ -292,13 +386,6 @@ class Profile:
         self.free.insert(index + 1, self.free[index])
         return index + 1
 
-    def release(self, time: float, procs: int) -> None:
-        """``procs`` processors become free at ``time`` for good."""
-        index = self._point(time)
-        free = self.free
-        for i in range(index, len(free)):
-            free[i] += procs
-
     def reserve(self, start: float, length: float, procs: int) -> None:
         """Take ``procs`` processors over ``[start, start + length)`` (negative: give back); a
         zero-length job holds them for an instant."""
@@ -309,6 +396,78 @@ class Profile:
         free = self.free
         for i in range(first, last):
             free[i] -= procs
+
+    def earlier(self, start: float, procs: int, length: float,
+                since: float = -INFINITY) -> float:
+        """Where a job reserved at ``start`` in this profile goes when it is placed again:
+        what :meth:`earliest` gives once it is taken out, found without taking it out (the
+        profile must not be over-committed: then its own slot fits it again).
+
+        Taken out, it needs no processors in its own slot, so a window that starts before the
+        slot fits if the steps before the slot have ``procs`` free. The last step before the
+        slot that has not (the blocker) splits the answer: the first window that ends by the
+        blocker, else the step right after it. ``since``: only a window that reaches this
+        moment can fit (no earlier one fitted when the job was last placed, and processors
+        came free only from then on)."""
+        times, free = self.times, self.free
+        own = bisect.bisect_left(times, max(start, times[0]))  # the slot is a step of its own
+        blocker = own - 1
+        while blocker >= 0 and free[blocker] >= procs:
+            blocker -= 1
+        if blocker < 0:
+            return times[0]
+        limit = times[blocker]
+        if since < limit:
+            stop = min(bisect.bisect_right(times, limit - length), blocker)  # windows that
+            while stop < blocker and times[stop] + length <= limit:  # end by the blocker
+                stop += 1  # start before ``stop`` (settled on the sums themselves)
+            while stop > 0 and times[stop - 1] + length > limit:
+                stop -= 1
+            if length > 0:  # and reach ``since`` from ``i`` on
+                i = bisect.bisect_right(times, since - length)
+                while i > 0 and times[i - 1] + length > since:
+                    i -= 1
+            else:
+                i = bisect.bisect_left(times, since)
+            if i < stop and max(free[i:stop]) >= procs:
+                while i < stop:
+                    if free[i] < procs:
+                        i += 1
+                        continue
+                    begin = times[i]
+                    end = begin + length
+                    j = i + 1
+                    while times[j] < end and free[j] >= procs:
+                        j += 1
+                    if times[j] >= end:
+                        return begin
+                    i = j + 1
+        return times[blocker + 1]
+
+    def most_free(self, start: float, length: float) -> int:
+        """The most free processors at a moment of ``[start, start + length)`` (as reserved)."""
+        times = self.times
+        start = max(start, times[0])
+        end = start + length if length > 0 else math.nextafter(start, INFINITY)
+        first = bisect.bisect_left(times, start)
+        return max(self.free[first:bisect.bisect_left(times, end, first)])
+
+    def gained(self, old: Profile, gains: Gains) -> None:
+        """Add to ``gains`` where this profile has more free processors than ``old``."""
+        times, free, old_times, old_free = self.times, self.free, old.times, old.free
+        count, old_count = len(times), len(old_times)
+        i, k = 0, max(bisect.bisect_right(old_times, times[0]) - 1, 0)
+        moment = times[0]
+        while i < count:
+            if free[i] > old_free[k]:
+                gains.add(moment, free[i])
+            step = times[i + 1] if i + 1 < count else INFINITY
+            old_step = old_times[k + 1] if k + 1 < old_count else INFINITY
+            moment = min(step, old_step)
+            if step <= old_step:
+                i += 1
+            if old_step <= step:
+                k += 1
 
     def earliest(self, procs: int, length: float) -> float:
         """The first time from which ``procs`` processors stay free for ``length`` seconds
