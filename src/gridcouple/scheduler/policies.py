@@ -285,9 +285,12 @@ class Conservative(QueuePolicy):
                 at = profile.earliest(need, length)
                 profile.reserve(at, length, need)
             else:
-                at = max(old, now)
-                moved = None if gains is None else profile.earlier(old, need, length,
-                                                                    gains.first(need))
+                at = old if old > now else now
+                if gains is None:
+                    moved = None
+                else:  # it can only move into a window that reaches such a moment before it
+                    since = gains.first(need)
+                    moved = at if since >= at else profile.earlier(old, need, length, since)
                 if moved != at:  # take it out, note what it leaves free, place it again
                     profile.reserve(old, length, -need)
                     vacated = (at, profile.most_free(at, length))
@@ -429,19 +432,18 @@ class Profile:
                     i -= 1
             else:
                 i = bisect.bisect_left(times, since)
-            if i < stop and max(free[i:stop]) >= procs:
-                while i < stop:
-                    if free[i] < procs:
-                        i += 1
-                        continue
-                    begin = times[i]
-                    end = begin + length
-                    j = i + 1
-                    while times[j] < end and free[j] >= procs:
-                        j += 1
-                    if times[j] >= end:
-                        return begin
-                    i = j + 1
+            while i < stop:
+                if free[i] < procs:
+                    i += 1
+                    continue
+                begin = times[i]
+                end = begin + length
+                j = i + 1
+                while times[j] < end and free[j] >= procs:
+                    j += 1
+                if times[j] >= end:
+                    return begin
+                i = j + 1
         return times[blocker + 1]
 
     def most_free(self, start: float, length: float) -> int:
