@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -e '.[bench]'      # AccaSim 1.1.3 (the peer) lives in the bench extra
     GRIDCOUPLE_TRACES=../shared/traces .venv/bin/python benchmarks/simulate.py [--peer-jobs N]
+        [--keep-all]   # every record of the trace, the zero-length jobs too
 
 For KTH-SP2 and SDSC-SP2 (default replay rules, jobs let run past their estimate, as AccaSim
 does) it prints the median simulation time of every policy and jobs/s, the peak memory of an
@@ -42,7 +43,14 @@ import numpy as np
 from gridcouple.scheduler.engine import Machine, SimJob, Simulator
 from gridcouple.scheduler.metrics import simulator_metrics
 from gridcouple.scheduler.policies import Policy, make_policy
-from gridcouple.scheduler.swf import COLUMN, Replay, read_swf, replay_jobs, write_swf
+from gridcouple.scheduler.swf import (
+    COLUMN,
+    Replay,
+    ReplayOptions,
+    read_swf,
+    replay_jobs,
+    write_swf,
+)
 
 TRACES = {"KTH-SP2": "KTH-SP2-1996-2.1-cln.swf.gz", "SDSC-SP2": "SDSC-SP2-1998-4.2-cln.swf.gz"}
 POLICIES = ("fcfs", "sjf", "easy", "conservative")
@@ -189,7 +197,11 @@ def main() -> int:
                         help="give AccaSim only the first N SDSC jobs (0: all; FIFO takes "
                         "minutes)")
     parser.add_argument("--no-peer", action="store_true", help="skip AccaSim")
+    parser.add_argument("--keep-all", action="store_true",
+                        help="replay every record: keep the jobs with run time <= 0 too "
+                        "(zero-length jobs; SDSC-SP2: all 59,715)")
     args = parser.parse_args()
+    options = ReplayOptions(nonpositive_runtime="keep" if args.keep_all else "drop")
     folder = Path(args.traces)
     replays = {}
     print(f"{'trace':9} {'policy':13} {'jobs':>7} {'median s':>9} {'jobs/s':>9} "
@@ -197,7 +209,7 @@ def main() -> int:
     medians: dict[tuple[str, str], float] = {}
     for label, file in TRACES.items():
         began = time.perf_counter()
-        replay = replays[label] = replay_jobs(read_swf(folder / file))
+        replay = replays[label] = replay_jobs(read_swf(folder / file), options=options)
         print(f"{label:9} {'(read+replay)':13} {len(replay.jobs):>7} "
               f"{time.perf_counter() - began:>9.3f}")
         for name in POLICIES:

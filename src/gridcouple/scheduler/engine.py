@@ -7,8 +7,9 @@ fraction of its speed, as PyMW's SimWorker; 0 pauses it). A job holds ``procs`` 
 workers of different speeds it runs at the pace of its slowest one.
 
 At each moment the engine first ends the jobs due, then queues the jobs that arrive, then asks
-the policy once. Built-in policies are called through their fast :meth:`QueuePolicy.pick` path
-on containers kept up to date here; any other :class:`Policy` is called through ``select``.
+the policy once (not while no processor is free, if the policy is ``idle_when_full``).
+Built-in policies are called through their fast :meth:`QueuePolicy.pick` path on containers
+kept up to date here; any other :class:`Policy` is called through ``select``.
 
 A job that runs longer than its ``limit`` (its walltime; for a trace, the requested time) is
 killed there with ``kill_at_limit`` (what a batch system does) or else runs to its end (what a
