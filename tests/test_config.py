@@ -18,6 +18,14 @@ def write(tmp_path, text: str):
     return path
 
 
+def config_error(tmp_path, text: str) -> tuple:
+    """The file written from ``text`` and the ConfigError that checking it raises."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        check_config(load_config(path))
+    return path, str(info.value)
+
+
 def test_defaults_without_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GRIDCOUPLE_CONFIG", raising=False)
@@ -66,60 +74,39 @@ def test_environment_chooses_file_and_backend(tmp_path, monkeypatch):
         check_config(config)
 
 
-def test_unknown_key_names_file_line_and_suggests(tmp_path):
-    path = write(tmp_path, """
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("""
         [backend]
         name = "local"
 
         [backend.local]
         slots = 2
         polcy = "fcfs"
-    """)
-    with pytest.raises(ConfigError) as info:
-        check_config(load_config(path))
-    message = str(info.value)
-    assert f"{path}:6: [backend.local] polcy" in message
-    assert "did you mean 'policy'" in message
-
-
-def test_unknown_top_level_key(tmp_path):
-    path = write(tmp_path, """
+    """, ["{path}:6: [backend.local] polcy", "did you mean 'policy'"], id="unknown-key-suggests"),
+    pytest.param("""
         state_dir = "s"
         colour = "blue"
-    """)
-    with pytest.raises(ConfigError, match=rf"{path}:2: colour: unknown key 'colour'"):
-        load_config(path)
-
-
-def test_wrong_type_names_expected_and_got(tmp_path):
-    path = write(tmp_path, """
+    """, ["{path}:2: colour: unknown key 'colour'"], id="unknown-top-level-key"),
+    pytest.param("""
         [backend.local]
         slots = "two"
-    """)
-    with pytest.raises(ConfigError) as info:
-        check_config(load_config(path))
-    assert str(info.value) == (
-        f"{path}:2: [backend.local] slots: expected an integer, got a string 'two'")
-
-
-def test_bool_is_not_an_integer(tmp_path):
-    path = write(tmp_path, """
+    """, ["{path}:2: [backend.local] slots: expected an integer, got a string 'two'"],
+        id="wrong-type-names-expected-and-got"),
+    pytest.param("""
         [coupler]
         port = true
-    """)
-    with pytest.raises(ConfigError, match=rf"{path}:2: \[coupler\] port: expected an integer"):
-        load_config(path)
-
-
-def test_bad_value_names_the_table(tmp_path):
-    path = write(tmp_path, """
+    """, ["{path}:2: [coupler] port: expected an integer"], id="bool-is-not-an-integer"),
+    pytest.param("""
         [backend]
         name = "local"
         [backend.local]
         slots = -1
-    """)
-    with pytest.raises(ConfigError, match=rf"{path}:3: \[backend.local\]: slots must be 0"):
-        check_config(load_config(path))
+    """, ["{path}:3: [backend.local]: slots must be 0"], id="bad-value-names-the-table"),
+])
+def test_config_errors_name_file_line_and_key(tmp_path, text, expected):
+    path, message = config_error(tmp_path, text)
+    for fragment in expected:
+        assert fragment.format(path=path) in message
 
 
 def test_backend_not_installed_names_the_line(tmp_path, monkeypatch):

@@ -432,18 +432,9 @@ class Profile:
                     i -= 1
             else:
                 i = bisect.bisect_left(times, since)
-            while i < stop:
-                if free[i] < procs:
-                    i += 1
-                    continue
-                begin = times[i]
-                end = begin + length
-                j = i + 1
-                while times[j] < end and free[j] >= procs:
-                    j += 1
-                if times[j] >= end:
-                    return begin
-                i = j + 1
+            found = self._window(i, stop, procs, length)
+            if found != INFINITY:
+                return found
         return times[blocker + 1]
 
     def most_free(self, start: float, length: float) -> int:
@@ -474,10 +465,14 @@ class Profile:
     def earliest(self, procs: int, length: float) -> float:
         """The first time from which ``procs`` processors stay free for ``length`` seconds
         (INFINITY: never, the job is wider than the machine)."""
+        return self._window(0, len(self.times), procs, length)
+
+    def _window(self, i: int, stop: int, procs: int, length: float) -> float:
+        """The first step from index ``i`` (before ``stop``) from which ``procs`` processors
+        stay free for ``length`` seconds (INFINITY: none)."""
         times, free = self.times, self.free
         count = len(times)
-        i = 0
-        while i < count:
+        while i < stop:
             if free[i] < procs:
                 i += 1
                 continue
