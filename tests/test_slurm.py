@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -182,13 +183,34 @@ def test_parameter_sweep_groups_shapes_into_arrays(backend, tmp_path):
     assert squares == {p: p * p for p in range(10)}
 
 
-def test_sbatch_error_carries_slurms_message(backend):
-    with pytest.raises(BackendError, match="Invalid partition name specified"):
-        backend.submit([JobSpec(argv=("true",), name="nowhere",
-                                attributes={"slurm.partition": "nosuch"})])
+@pytest.mark.parametrize(("name", "spec_args", "message"), [
+    ("nowhere", {"attributes": {"slurm.partition": "nosuch"}}, "Invalid partition name specified"),
+    ("too-big", {"resources": Resources(memory_mb=10 * 2**20)},
+     "Requested node configuration is not available"),
+])
+def test_sbatch_error_carries_slurms_message(backend, name, spec_args, message):
+    with pytest.raises(BackendError, match=message):
+        backend.submit([JobSpec(argv=("true",), name=name, **spec_args)])
     record = backend.journal.records("slurm")[-1]
-    assert record.job.spec.name == "nowhere" and record.status.state is JobState.FAILED
-    assert "Invalid partition name specified" in record.status.reason
+    assert record.job.spec.name == name and record.status.state is JobState.FAILED
+    assert message in record.status.reason
+
+
+def test_controller_down_is_a_clear_error_and_nothing_is_lost(backend, tmp_path, monkeypatch):
+    """The real commands against a controller that does not answer: a copy of the cluster's
+    slurm.conf whose SlurmctldPort nobody listens on."""
+    conf = tmp_path / "slurm.conf"
+    cluster_conf = Path("/etc/slurm/slurm.conf").read_text()
+    conf.write_text(cluster_conf + "SlurmctldPort=9\nMessageTimeout=1\n")
+    before = len(backend.journal.records("slurm"))
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    with (SlurmBackend(SlurmOptions(), state_dir=backend.state_dir) as down,
+          pytest.raises(BackendError, match="Unable to contact slurm controller")):
+        down.submit([JobSpec(argv=("true",), name="unreachable")])
+    records = backend.journal.records("slurm")
+    assert len(records) == before + 1
+    assert records[-1].status.state is JobState.FAILED
+    assert "Unable to contact slurm controller" in records[-1].status.reason
 
 
 def wrapped_bin_dir(path, squeue_body: str):
