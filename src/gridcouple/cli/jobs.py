@@ -1,9 +1,6 @@
 """Job commands: submit, status, cancel, logs, wait, and ``config check``.
 
-Exit codes follow the jobs (see :func:`exit_code_for`): 0 when every job completed, else the
-first unsuccessful job's exit code, 128+N for a job killed by signal N, 124 for a walltime
-timeout, 125 for a canceled job, 1 for any other failure; 2 for usage or configuration errors;
-3 when ``wait --timeout`` gives up while jobs still run.
+Exit codes follow the jobs (see :func:`exit_code_for` and :data:`EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -48,8 +45,16 @@ def say(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+EXIT_CODES = (
+    "Exit codes follow the jobs: 0 when every job completed, else the first unsuccessful "
+    "job's exit code, 128+N for a job killed by signal N, 124 for a walltime timeout, 125 for "
+    "a canceled job, 1 for any other failure; 2 for usage or configuration errors; 3 when "
+    "wait --timeout gives up while jobs still run."
+)
+
+
 def exit_code_for(statuses: Sequence[JobStatus]) -> int:
-    """The command's exit code for these final statuses (see the module docstring)."""
+    """The command's exit code for these final statuses (see EXIT_CODES)."""
     for status in statuses:
         if status.state is JobState.COMPLETED:
             continue
@@ -105,7 +110,7 @@ def _parse_pairs(values: list[str], option: str) -> dict[str, str]:
     return pairs
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command(context_settings={"allow_interspersed_args": False}, epilog=EXIT_CODES)
 def submit(
     command: Annotated[list[str], typer.Argument(help="The command and its arguments (after --).")],
     array: Annotated[int, typer.Option(min=1, help=f"Submit N copies; each sees ${ARRAY_INDEX_ENV}.")] = 1,
@@ -262,14 +267,14 @@ def logs(
         session.close()
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def wait(
     ids: Annotated[list[int], typer.Argument(help="Job ids.")],
     any_job: Annotated[bool, typer.Option("--any", help="Return when the first job ends.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (then exit 3).")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Wait for jobs to end; the exit code follows them (see `gridcouple --help`)."""
+    """Wait for jobs to end; the exit code follows them."""
     session = _Session(open_config(config))
     try:
         records = session.journal.get(ids)
