@@ -271,3 +271,14 @@ def test_conservative_gives_the_previous_algorithms_schedule(workload, kill):
     fast = simulate(jobs, Conservative(), capacity, kill_at_limit=kill)
     reference = simulate(jobs, PreviousConservative(), capacity, kill_at_limit=kill)
     assert fast.start == reference.start
+
+
+def test_placement_prefers_the_worker_that_ends_the_job_first():
+    # the fast worker is paused until 100: a 10 s job ends at 20 on the slow one, at 105 on it;
+    # the worker never available again is chosen last, and only when nothing else is idle
+    paused = Worker("fast-but-paused", speed=2.0, availability=((0, 100, 0.0),))
+    gone = Worker("gone", availability=((0, math.inf, 0.0),))
+    machine = Machine((paused, Worker("slow", speed=0.5), gone))
+    sim = simulate([SimJob(0, 1, 100, 10), SimJob(0, 1, 100, 10)], make_policy("fcfs"), machine)
+    assert sim.placement == {0: (1,), 1: (0,)}
+    assert sim.end == [20, 105]

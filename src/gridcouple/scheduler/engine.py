@@ -350,17 +350,27 @@ class Simulator:
     # --- workers ------------------------------------------------------------------------
 
     def _place(self, number: int, now: float) -> float:
-        """Give the job its workers (fastest idle first); returns when it ends."""
+        """Give the job the idle workers that would end it first on their own (a paused or
+        slow worker last; ties: the fastest first); returns when it ends."""
         job = self.jobs[number]
-        chosen = tuple(self._idle[: job.procs])
-        del self._idle[: job.procs]
+        workers = self.machine.workers
+
+        def seconds_on(index: int) -> float:
+            worker = workers[index]
+            return self.duration(job, worker) if self.duration else job.work / worker.speed
+
+        def end_alone(index: int) -> float:
+            try:
+                return finish_time(now, seconds_on(index), (workers[index],))
+            except SimulationError:  # never available again: the last choice
+                return INFINITY
+
+        alone = {i: end_alone(i) for i in self._idle}
+        chosen = tuple(heapq.nsmallest(job.procs, self._idle, key=alone.__getitem__))
+        for index in chosen:
+            self._idle.remove(index)
         self.placement[number] = chosen
-        workers = [self.machine.workers[i] for i in chosen]
-        if self.duration is not None:
-            seconds = max(self.duration(job, w) for w in workers)
-        else:
-            seconds = job.work / min(w.speed for w in workers)
-        return finish_time(now, seconds, workers)
+        return finish_time(now, max(seconds_on(i) for i in chosen), [workers[i] for i in chosen])
 
     def _give_back(self, number: int) -> None:
         speed = [w.speed for w in self.machine.workers]
