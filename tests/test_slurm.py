@@ -1,8 +1,9 @@
 """The Slurm backend against the real single-node cluster of scripts/slurm-up.
 
 The cluster has a "debug" partition (default) and a "parked" one that is DOWN, where jobs wait
-with Reason=PartitionDown. Slurm counts walltime in whole minutes and checks it every 30 s, so
-the walltime job is submitted first (by the module fixture) and checked last.
+with Reason=PartitionDown, and keeps accounting (slurmdbd), so sacct knows jobs that ended.
+Slurm counts walltime in whole minutes and checks it every 30 s, so the walltime job is
+submitted first (by the module fixture) and checked last.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def test_array_of_200_is_one_sbatch_call_and_one_squeue_per_poll(backend, tmp_pa
     assert len({job.native_id.split("_")[0] for job in jobs}) == 1
     counting = ("open(__file__ + '.calls', 'a').write('call\\n')\n"
                 "import os\nos.execv(REAL, [REAL, *sys.argv[1:]])\n")
-    bin_dir = wrapped_bin_dir(tmp_path / "bin", counting)
+    bin_dir = wrapped_bin_dir(tmp_path / "bin", squeue=counting)
     with SlurmBackend(SlurmOptions(bin_dir=bin_dir), state_dir=backend.state_dir) as counted:
         assert len(counted.status(jobs)) == 200
     assert (bin_dir / "squeue.calls").read_text() == "call\n"
@@ -213,24 +214,65 @@ def test_controller_down_is_a_clear_error_and_nothing_is_lost(backend, tmp_path,
     assert "Unable to contact slurm controller" in records[-1].status.reason
 
 
-def wrapped_bin_dir(path, squeue_body: str):
-    """Slurm's real commands, except squeue, which runs ``squeue_body`` (Python; ``REAL`` is
-    the real squeue): a fault the real cluster cannot be made to show on demand."""
+def wrapped_bin_dir(path: Path, **bodies: str) -> Path:
+    """Slurm's real commands, except those given in ``bodies`` (``squeue="..."``), which run
+    their body (Python; ``REAL`` is the real command): faults the real cluster cannot be made to
+    show on demand."""
     path.mkdir()
-    for tool in ("sbatch", "scontrol", "scancel", "sacct"):
-        (path / tool).symlink_to(shutil.which(tool))
-    squeue = path / "squeue"
-    squeue.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
-                      f"REAL = {shutil.which('squeue')!r}\n{squeue_body}")
-    squeue.chmod(0o755)
+    for tool in ("sbatch", "squeue", "scontrol", "scancel", "sacct"):
+        real = shutil.which(tool)
+        if tool not in bodies:
+            (path / tool).symlink_to(real)
+            continue
+        wrapper = path / tool
+        wrapper.write_text(f"#!{sys.executable}\nimport subprocess, sys\nREAL = {real!r}\n"
+                           f"{bodies[tool]}")
+        wrapper.chmod(0o755)
     return path
+
+
+# Fault injection: an squeue that leaves out the native ids listed in squeue.forget beside it,
+# as if the controller had purged the jobs (after MinJobAge, 600 s on the test cluster).
+FORGETFUL_SQUEUE = (
+    "forget = set(open(__file__ + '.forget').read().split())\n"
+    "proc = subprocess.run([REAL, *sys.argv[1:]], capture_output=True, text=True)\n"
+    "sys.stderr.write(proc.stderr)\n"
+    "sys.stdout.write(''.join(line for line in proc.stdout.splitlines(True)\n"
+    "                         if line.split('|')[0] not in forget))\n"
+    "sys.exit(proc.returncode)\n")
+
+
+def forgetting(path: Path, jobs, **bodies: str) -> Path:
+    """A bin dir whose squeue (FORGETFUL_SQUEUE) no longer lists ``jobs``."""
+    bin_dir = wrapped_bin_dir(path, squeue=FORGETFUL_SQUEUE, **bodies)
+    (bin_dir / "squeue.forget").write_text(" ".join(j.native_id for j in jobs))
+    return bin_dir
+
+
+def wait_for_sacct(jobs, timeout: float = 30.0) -> None:
+    """Until the real sacct holds an end record of every job: records reach the database a
+    fraction of a second to ~2 s after a job ends."""
+    wanted = {j.native_id for j in jobs}
+    arrays = ",".join(sorted({n.split("_")[0] for n in wanted}))
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(["sacct", "-P", "-n", "-X", "-o", "JobID,State", "-j", arrays],
+                             capture_output=True, text=True, timeout=30).stdout
+        ended = {line.split("|")[0] for line in out.splitlines()
+                 if line.split("|")[-1].split(" ")[0] in ("COMPLETED", "FAILED", "CANCELLED",
+                                                          "TIMEOUT")}
+        if wanted <= ended:
+            return
+        assert time.monotonic() < deadline, (f"sacct has no end record of {sorted(wanted - ended)}"
+                                             f" after {timeout:g} s:\n{out}")
+        time.sleep(0.1)
 
 
 def test_failing_squeue_marks_nothing_failed(backend, tmp_path):
     job, = backend.submit([JobSpec(argv=("sleep", "2"), name="survives")])
     body = ('sys.stderr.write("squeue: error: Unable to contact slurm controller")\n'
             "sys.exit(1)\n")
-    with (SlurmBackend(SlurmOptions(bin_dir=wrapped_bin_dir(tmp_path / "bin", body)),
+    with (SlurmBackend(SlurmOptions(bin_dir=wrapped_bin_dir(tmp_path / "bin", squeue=body)),
                        state_dir=backend.state_dir) as down,
           pytest.raises(QueryUnavailableError, match="Unable to contact slurm controller")):
         down.status([job])
@@ -238,25 +280,49 @@ def test_failing_squeue_marks_nothing_failed(backend, tmp_path):
     assert backend.wait([job], timeout=60)[0].state is JobState.COMPLETED
 
 
-def test_job_purged_from_squeue_is_resolved_by_its_exit_code_file(backend, tmp_path):
+def test_jobs_purged_from_squeue_are_resolved_by_sacct(backend, tmp_path):
+    tasks = backend.submit([JobSpec(script="exit 3\n", name="acct-fails"),
+                            JobSpec(argv=("true",), name="acct-ok")])
+    assert [j.native_id.split("_")[1] for j in tasks] == ["0", "1"]  # two tasks of one array
+    canceled, = backend.submit([JobSpec(argv=("sleep", "300"), name="acct-canceled")])
+    backend.cancel([canceled])
+    jobs = [*tasks, canceled]
+    wait_for_sacct(jobs)
+    with SlurmBackend(SlurmOptions(bin_dir=forgetting(tmp_path / "bin", jobs)),
+                      state_dir=backend.state_dir) as forgetful:
+        failed, done, gone = forgetful.status(jobs)
+    assert (failed.state, failed.exit_code, failed.native_state) == (JobState.FAILED, 3, "FAILED")
+    assert (done.state, done.exit_code, done.native_state) == (JobState.COMPLETED, 0, "COMPLETED")
+    assert (gone.state, gone.native_state) == (JobState.CANCELED, "CANCELLED by 0")
+    assert {s.reason for s in (failed, done, gone)} == {"from sacct (no longer listed by squeue)"}
+    assert failed.end_time >= failed.start_time > 0 and failed.host
+
+
+# The real sacct, sent to a port where no slurmdbd listens: what slurmdbd being down looks like.
+SLURMDBD_UNREACHABLE = "AccountingStoragePort=9\n"
+# Fault injection: an sacct that answers but has no record of the jobs yet, as when records lag
+# behind the jobs' end (the real cluster's records are there before the test looks).
+SACCT_WITHOUT_RECORDS = "sys.exit(0)\n"
+
+
+@pytest.mark.parametrize(("conf_extra", "sacct", "why"), [
+    (SLURMDBD_UNREACHABLE, {}, "sacct failed"),
+    ("", {"sacct": SACCT_WITHOUT_RECORDS}, "no final record in sacct"),
+], ids=["slurmdbd-unreachable", "sacct-records-lag"])
+def test_job_purged_from_squeue_is_resolved_by_its_exit_code_file(backend, tmp_path, monkeypatch,
+                                                                  conf_extra, sacct, why):
     jobs = backend.submit([JobSpec(script="sleep 1\nexit 3\n", name="purged"),
                            JobSpec(argv=("true",), name="purged-ok")])
-    body = ("forget = set(open(__file__ + '.forget').read().split())\n"
-            "proc = subprocess.run([REAL, *sys.argv[1:]], capture_output=True, text=True)\n"
-            "sys.stderr.write(proc.stderr)\n"
-            "sys.stdout.write(''.join(line for line in proc.stdout.splitlines(True)\n"
-            "                         if line.split('|')[0] not in forget))\n"
-            "sys.exit(proc.returncode)\n")
-    bin_dir = wrapped_bin_dir(tmp_path / "bin", body)
-    (bin_dir / "squeue.forget").write_text(" ".join(j.native_id for j in jobs))
-    homes = [backend.job_home(j.id) / "exit_code" for j in jobs]
-    deadline = time.monotonic() + 60
-    while not all(h.exists() for h in homes) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    with SlurmBackend(SlurmOptions(bin_dir=bin_dir), state_dir=backend.state_dir) as forgetful:
+    wait_for_sacct(jobs)  # without the fault, sacct would answer
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(Path("/etc/slurm/slurm.conf").read_text() + conf_extra)
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    with SlurmBackend(SlurmOptions(bin_dir=forgetting(tmp_path / "bin", jobs, **sacct)),
+                      state_dir=backend.state_dir) as forgetful:
+        assert forgetful.accounting
         failed, done = forgetful.status(jobs)
     assert (failed.state, failed.exit_code, failed.native_state) == (JobState.FAILED, 3, "")
-    assert "exit-code file" in failed.reason
+    assert failed.reason == f"from its exit-code file (no longer listed by squeue, {why})"
     assert (done.state, done.exit_code) == (JobState.COMPLETED, 0)
 
 
@@ -290,8 +356,13 @@ def test_arrays_are_split_at_max_array_size(backend):
         assert [small.read_output(j) for j in jobs] == [f"{i}\n" for i in range(7)]
 
 
-def test_walltime_ends_in_timeout(cluster):
+def test_walltime_ends_in_timeout(cluster, tmp_path):
     backend, job = cluster
     status, = backend.wait([job], timeout=130)
     assert (status.state, status.native_state) == (JobState.TIMEOUT, "TIMEOUT")
     assert os.path.exists(backend.job_home(job.id) / "exit_code")
+    wait_for_sacct([job])
+    with SlurmBackend(SlurmOptions(bin_dir=forgetting(tmp_path / "bin", [job])),
+                      state_dir=backend.state_dir) as forgetful:
+        from_sacct = forgetful.query(forgetful.journal.get([job.id]))[job.id]
+    assert (from_sacct.state, from_sacct.native_state) == (JobState.TIMEOUT, "TIMEOUT")

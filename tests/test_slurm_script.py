@@ -21,7 +21,12 @@ from gridcouple.backends.slurm.script import (
     render_batch_script,
     render_job_script,
 )
-from gridcouple.backends.slurm.states import SLURM_STATES, decode_wait_status, to_job_state
+from gridcouple.backends.slurm.states import (
+    SLURM_STATES,
+    decode_exit_code,
+    decode_wait_status,
+    to_job_state,
+)
 from gridcouple.config import load_config
 from gridcouple.errors import BackendError, ConfigError
 from gridcouple.jobs import JobSpec, JobState, JobStatus, Resources
@@ -141,10 +146,13 @@ def test_every_state_named_in_the_notes_is_mapped():
     assert [s for s in listed if s not in SLURM_STATES] == []
 
 
-def test_wait_status_decoding():
+def test_wait_status_and_sacct_exit_code_decoding():
     assert decode_wait_status(768) == (3, None)
     assert decode_wait_status(0) == (0, None)
     assert decode_wait_status(9) == (None, 9)
+    assert decode_exit_code("3:0") == (3, None)
+    assert decode_exit_code("0:9") == (None, 9)
+    assert decode_exit_code("") == (None, None)
 
 
 def test_squeue_lines_and_array_remainders():
@@ -160,16 +168,31 @@ def test_squeue_lines_and_array_remainders():
     assert (waiting.describe(), waiting.start_time) == ("QUEUED: PENDING (Resources)", None)
 
 
-def test_sacct_lines():
+def test_sacct_lines_as_slurm_22_05_prints_them():
     text = ("40_1|FAILED|3:0|2026-01-02T03:04:05|2026-01-02T03:04:09|vm\n"
             "40_2|CANCELLED by 0|0:15|2026-01-02T03:04:05|2026-01-02T03:04:06|vm\n"
-            "41|TIMEOUT|0:0|2026-01-02T03:04:05|2026-01-02T03:05:05|vm\n")
+            "40_[3-4]|CANCELLED by 0|0:0|None|2026-01-02T03:04:06|None assigned\n"
+            "40_[5-6]|PENDING|0:0|Unknown|Unknown|None assigned\n"
+            "41|TIMEOUT|0:0|2026-01-02T03:04:05|2026-01-02T03:05:05|vm\n"
+            "42|OUT_OF_MEMORY|0:125|2026-01-02T03:04:05|2026-01-02T03:04:06|vm\n"
+            "43|FAILED|0:9|2026-01-02T03:04:05|2026-01-02T03:04:06|vm\n")
     queued = JobStatus(JobState.QUEUED)
-    found = parse_sacct(text, {"40_1": queued, "40_2": queued})
-    assert sorted(found) == ["40_1", "40_2"]
-    assert (found["40_1"].state, found["40_1"].exit_code) == (JobState.FAILED, 3)
+    found = parse_sacct(text, dict.fromkeys(["40_1", "40_2", "40_4", "40_6", "41", "42", "43"],
+                                            queued))
+    assert sorted(found) == ["40_1", "40_2", "40_4", "40_6", "41", "42", "43"]
+    assert [(s.state, s.native_state, s.exit_code, s.signal) for s in found.values()] == [
+        (JobState.FAILED, "FAILED", 3, None),
+        (JobState.CANCELED, "CANCELLED by 0", None, 15),
+        (JobState.CANCELED, "CANCELLED by 0", 0, None),
+        (JobState.QUEUED, "PENDING", None, None),
+        (JobState.TIMEOUT, "TIMEOUT", 0, None),
+        (JobState.FAILED, "OUT_OF_MEMORY", None, 125),
+        (JobState.FAILED, "FAILED", None, 9),
+    ]
     assert found["40_1"].end_time - found["40_1"].start_time == 4
-    assert (found["40_2"].state, found["40_2"].signal) == (JobState.CANCELED, 15)
+    assert (found["40_1"].host, found["40_4"].host, found["40_4"].start_time) == ("vm", "", None)
+    assert found["43"].describe() == ("FAILED (from sacct (no longer listed by squeue)) "
+                                      "[killed by SIGKILL]")
 
 
 def test_native_id_lists_compact_and_expand():

@@ -7,8 +7,9 @@ keeps accounting), on Slurm 22.05 and later.
   ``ids=(...)`` line maps task N to journal id N, so jobs whose submitter died before storing
   the native ids are found again.
 - ``query`` asks ``squeue`` ONCE for all of the user's jobs; a job that has left squeue is
-  resolved through ``sacct`` when accounting exists, else through the exit-code file its
-  ``job.sh`` wrote. A failing squeue raises QueryUnavailableError: nothing is concluded.
+  resolved through ``sacct`` when accounting exists, else (no accounting, sacct failing, or no
+  final sacct record yet) through the exit-code file its ``job.sh`` wrote. A failing squeue
+  raises QueryUnavailableError: nothing is concluded.
 - states map through the one table in :mod:`gridcouple.backends.slurm.states`.
 """
 
@@ -38,7 +39,7 @@ from gridcouple.backends.slurm.script import (
     render_batch_script,
     render_job_script,
 )
-from gridcouple.backends.slurm.states import decode_wait_status, slurm_status
+from gridcouple.backends.slurm.states import decode_exit_code, decode_wait_status, slurm_status
 from gridcouple.errors import BackendError, QueryUnavailableError
 from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
 from gridcouple.scheduler.journal import JobRecord
@@ -53,6 +54,8 @@ _SACCT_FIELDS = "JobID,State,ExitCode,Start,End,NodeList"
 _PER_JOB_KEYS = ("partition", "account", "qos", "constraint")
 _ATTRIBUTES = (*_PER_JOB_KEYS, "extra_directives")
 _IGNORED_SCANCEL = ("already completing or completed", "Invalid job id specified")
+_GONE = "no longer listed by squeue"
+_FROM_SACCT = f"from sacct ({_GONE})"
 
 
 @dataclass(frozen=True)
@@ -158,18 +161,22 @@ def parse_squeue(text: str, with_comment: bool) -> dict[str, SqueueRow]:
 
 def parse_sacct(text: str, previous: dict[str, JobStatus]) -> dict[str, JobStatus]:
     """Statuses by native id from ``sacct -P -n -X -o JobID,State,ExitCode,Start,End,NodeList``
-    lines, for the native ids in ``previous`` (ExitCode is ``code:signal``)."""
+    lines, for the native ids in ``previous``. A range of array tasks (``123_[5-9]``, pending or
+    canceled while pending) is expanded to its tasks; the reason says the status came from
+    sacct."""
     found = {}
     for line in text.splitlines():
         parts = line.split("|")
-        if len(parts) != 6 or parts[0] not in previous:
+        if len(parts) != 6:
             continue
-        native_id, state, exit_text, start, end, host = parts
-        code, _, signal = exit_text.partition(":")
-        found[native_id] = slurm_status(
-            state, "", previous[native_id], exit_code=int(code) if code.isdigit() else None,
-            signal=int(signal) if signal.isdigit() and int(signal) else None,
-            start_time=_slurm_time(start), end_time=_slurm_time(end), host=host)
+        job_ids, state, exit_text, start, end, host = parts
+        exit_code, signal = decode_exit_code(exit_text)
+        for native_id in expand_native_ids(job_ids):
+            if native_id in previous:
+                found[native_id] = slurm_status(
+                    state, _FROM_SACCT, previous[native_id], exit_code=exit_code, signal=signal,
+                    start_time=_slurm_time(start), end_time=_slurm_time(end),
+                    host="" if host == "None assigned" else host)
     return found
 
 
@@ -363,10 +370,17 @@ class SlurmBackend(Backend):
             elif record.job.id in native or time.time() - (
                     record.status.submit_time or 0) > 2 * self.options.command_timeout:
                 gone.append(record)  # a NEW job without native id may still be in sbatch
+        unknown = _GONE
         if gone and self.accounting:
-            result.update(self._sacct(gone, native))
+            try:
+                result.update(self._sacct(gone, native))
+                unknown = f"{_GONE}, no final record in sacct"
+            except BackendError as exc:  # slurmdbd down: the exit-code files still answer
+                log.warning("slurm: jobs squeue no longer lists are resolved from their "
+                            "exit-code files: %s", exc)
+                unknown = f"{_GONE}, sacct failed"
             gone = [r for r in gone if r.job.id not in result]
-        result.update((r.job.id, self._from_exit_file(r)) for r in gone)
+        result.update((r.job.id, self._from_exit_file(r, unknown)) for r in gone)
         return result
 
     def _squeue(self, with_comment: bool) -> dict[str, SqueueRow]:
@@ -399,7 +413,9 @@ class SlurmBackend(Backend):
         return found
 
     def _sacct(self, records: Sequence[JobRecord], native: dict[int, str]) -> dict[int, JobStatus]:
-        """Statuses from accounting for jobs squeue no longer lists (one sacct call)."""
+        """Final statuses from accounting for jobs squeue no longer lists (one sacct call). A
+        job sacct does not know (its record lags ~2 s behind its end) or still shows waiting or
+        running (squeue, not sacct, knows the live jobs) is left out."""
         wanted = {native[r.job.id]: r for r in records if r.job.id in native}
         if not wanted:
             return {}
@@ -407,19 +423,21 @@ class SlurmBackend(Backend):
         proc = self._run("sacct", ["-P", "-n", "-X", "-o", _SACCT_FIELDS, "-j", ",".join(arrays)],
                          unavailable=True)
         found = parse_sacct(proc.stdout, {n: r.status for n, r in wanted.items()})
-        return {wanted[native_id].job.id: status for native_id, status in found.items()}
+        return {wanted[native_id].job.id: status for native_id, status in found.items()
+                if status.state.is_final}
 
-    def _from_exit_file(self, record: JobRecord) -> JobStatus:
-        """A job squeue no longer lists, without accounting: its exit-code file decides."""
+    def _from_exit_file(self, record: JobRecord, unknown: str) -> JobStatus:
+        """A job squeue no longer lists and sacct could not resolve: its exit-code file decides.
+        ``unknown`` says where else the job was looked for, for the reason."""
         home = Path(record.workdir) if record.workdir else self.job_home(record.job.id)
         try:
             text = (home / EXIT_CODE_FILE).read_text()
         except FileNotFoundError:
             if record.cancel_requested:
-                return JobStatus(JobState.CANCELED, reason="canceled; no longer listed by "
-                                 "squeue", end_time=time.time())
-            return JobStatus(JobState.FAILED, reason="no longer listed by squeue and no exit-code "
-                             f"file in {home} (killed before it ended, or never started)",
+                return JobStatus(JobState.CANCELED, reason=f"canceled; {unknown}",
+                                 end_time=time.time())
+            return JobStatus(JobState.FAILED, reason=f"{unknown}, and no exit-code file in "
+                             f"{home} (killed before it ended, or never started)",
                              end_time=time.time())
         exit_code, signal, start, end = parse_exit_record(text)
         walltime = record.job.spec.resources.walltime
@@ -431,7 +449,7 @@ class SlurmBackend(Backend):
             state = JobState.TIMEOUT
         else:
             state = JobState.FAILED
-        return JobStatus(state, reason="from its exit-code file (no longer listed by squeue)",
+        return JobStatus(state, reason=f"from its exit-code file ({unknown})",
                          exit_code=exit_code, signal=signal, start_time=start, end_time=end,
                          host=record.status.host)
 

@@ -57,6 +57,17 @@ def decode_wait_status(status: int) -> tuple[int | None, int | None]:
     return status >> 8, None
 
 
+def decode_exit_code(text: str) -> tuple[int | None, int | None]:
+    """``(exit_code, signal)`` from sacct's ExitCode ``code:signal`` (``3:0`` for ``exit 3``,
+    ``0:9`` for killed by SIGKILL); ``(None, None)`` for what is not that."""
+    code, _, signal = text.partition(":")
+    if not (code.isdigit() and signal.isdigit()):
+        return None, None
+    if int(signal):
+        return None, int(signal)
+    return int(code), None
+
+
 def slurm_status(native_state: str, reason: str, previous: JobStatus, **details) -> JobStatus:
     """A JobStatus from Slurm's words; exit code and times (``details``) only once final."""
     state = to_job_state(native_state, reason) or previous.state
