@@ -499,8 +499,9 @@ class SlurmBackend(Backend):
 
     @cached_property
     def cluster_config(self) -> dict[str, str]:
-        """``scontrol show config`` as a dict (read once per backend)."""
-        out = self._run("scontrol", ["show", "config"]).stdout
+        """``scontrol show config`` as a dict (read once per backend; a controller that does
+        not answer is QueryUnavailableError, so a status poll retries)."""
+        out = self._run("scontrol", ["show", "config"], unavailable=True).stdout
         pairs = (line.split("=", 1) for line in out.splitlines() if " = " in line)
         return {key.strip(): value.strip() for key, value in pairs}
 
