@@ -130,16 +130,23 @@ class Journal:
                            [(i, state.value, now) for i in ids])
         return ids
 
-    def set_native_ids(self, rows: Iterable[tuple[int, str, str]], state: JobState) -> None:
-        """Store (id, native id, work directory) of jobs the batch system accepted, and their
-        new state, for jobs recorded as NEW."""
+    def set_native_ids(self, rows: Iterable[tuple[int, str, str]], state: JobState) -> list[int]:
+        """Store (id, native id, work directory) of jobs the batch system accepted, and move
+        the ones still NEW to ``state``; a job canceled meanwhile stays canceled. Returns the
+        ids that moved."""
         rows = list(rows)
         now = time.time()
+        moved = []
         with self.transaction() as db:
-            db.executemany("UPDATE jobs SET native_id = ?, workdir = ?, state = ? WHERE id = ?",
-                           [(native, workdir, state.value, i) for i, native, workdir in rows])
+            db.executemany("UPDATE jobs SET native_id = ?, workdir = ? WHERE id = ?",
+                           [(native, workdir, i) for i, native, workdir in rows])
+            for i, _, _ in rows:
+                if db.execute("UPDATE jobs SET state = ? WHERE id = ? AND state = ?",
+                              (state.value, i, JobState.NEW.value)).rowcount:
+                    moved.append(i)
             db.executemany("INSERT INTO events (job_id, state, time) VALUES (?, ?, ?)",
-                           [(i, state.value, now) for i, _, _ in rows])
+                           [(i, state.value, now) for i in moved])
+        return moved
 
     def update(self, changes: Iterable[tuple[int, JobStatus]], *,
                only_if: Sequence[JobState] | None = None) -> list[int]:

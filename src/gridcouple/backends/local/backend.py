@@ -57,6 +57,18 @@ def daemon_address(state_dir: Path) -> str:
     return "\0gridcouple-local:" + str(Path(state_dir).resolve())
 
 
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a pid from its reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
 def environment_file(state_dir: Path, name: str) -> Path:
     """Where a saved submitting environment lives."""
     return Path(state_dir) / "environments" / f"{name}.json"
@@ -83,8 +95,9 @@ class LocalBackend(Backend):
             if spec.resources.nodes > 1:
                 raise BackendError(f"job {spec.name} asks for {spec.resources.nodes} nodes; the "
                                    "local backend has one")
-        ids = self.journal.add(self.name, specs,
-                               extra={"environment": self._save_environment()})
+        me = os.getpid()
+        ids = self.journal.add(self.name, specs, extra={
+            "environment": self._save_environment(), "submitter": [me, process_start(me)]})
         try:
             for job_id, spec in zip(ids, specs, strict=True):
                 if spec.stage_in:  # copied now: the inputs as they are at submission
@@ -114,9 +127,17 @@ class LocalBackend(Backend):
         return name
 
     def query(self, records: Sequence[JobRecord]) -> dict[int, JobStatus]:
-        """The daemon keeps the journal current, so the records are the answer."""
+        """The daemon keeps the journal current, so the records are the answer; a job still
+        NEW whose submitting process has ended was never queued, and is FAILED."""
         self._ensure_daemon()
-        return {r.job.id: r.status for r in records}
+        result = {r.job.id: r.status for r in records}
+        for record in records:
+            if record.status.state is JobState.NEW and _submitter_gone(record):
+                pid = record.extra["submitter"][0]
+                result[record.job.id] = JobStatus(
+                    JobState.FAILED, end_time=time.time(),
+                    reason=f"not queued: its submitting process (pid {pid}) ended first")
+        return result
 
     def events(self, jobs: Sequence[Job], *, timeout: float | None = None) -> Iterator[JobEvent]:
         """Follow the journal's event table, which the daemon writes: each poll is one small
@@ -230,3 +251,10 @@ class LocalBackend(Backend):
             except OSError as exc:
                 raise BackendError(f"cannot reach the local daemon: {exc}") from exc
         return True
+
+
+def _submitter_gone(record: JobRecord) -> bool:
+    """True when the process that recorded the job is no longer running (a reused pid is told
+    apart by its start time)."""
+    pid, started = record.extra.get("submitter") or (None, None)
+    return pid is not None and process_start(pid) != started

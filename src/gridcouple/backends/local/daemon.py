@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gridcouple.backends.base import job_home, output_file, working_directory
-from gridcouple.backends.local.backend import LocalOptions, daemon_address, environment_file
+from gridcouple.backends.local.backend import (
+    LocalOptions,
+    daemon_address,
+    environment_file,
+    process_start,
+)
 from gridcouple.errors import ConfigError
 from gridcouple.jobs import JobSpec, JobState, JobStatus
 from gridcouple.scheduler.journal import Journal
@@ -287,7 +292,7 @@ class Daemon:
             job_id=job_id, pid=process.pid, procs=spec.resources.cpus, start_time=now,
             estimate=spec.estimate or walltime, deadline=now + walltime if walltime else None,
             memory_mb=spec.resources.memory_mb, process=process)
-        self.extra[job_id] = {"pid": process.pid, "proc_start": _proc_start(process.pid) or 0}
+        self.extra[job_id] = {"pid": process.pid, "proc_start": process_start(process.pid) or 0}
 
     # --- watching and ending ---------------------------------------------------------------
 
@@ -370,7 +375,7 @@ class Daemon:
                 continue
             job_id, spec = record.job.id, record.job.spec
             pid = record.extra.get("pid")
-            if not pid or _proc_start(pid) != record.extra.get("proc_start"):
+            if not pid or process_start(pid) != record.extra.get("proc_start"):
                 why = ("exit status unknown: it ended while no local daemon was watching" if pid
                        else "the local daemon stopped while starting it")
                 self.changes.append((job_id, JobStatus(JobState.FAILED, reason=why,
@@ -434,18 +439,6 @@ def _resident_memory_by_group(groups: set[int]) -> dict[int, float]:
         if group in groups:
             usage[group] = usage.get(group, 0.0) + int(fields[21]) * PAGE_MB
     return usage
-
-
-def _proc_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (tells a pid from its reuse)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
 def _drain(fd: int) -> bool:
