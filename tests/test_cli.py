@@ -93,6 +93,18 @@ def test_unknown_job_and_bad_arguments_exit_2(cli):
     bad_env = cli("submit", "--env", "NOEQUALS", "--", "true")
     assert bad_env.returncode == 2
     assert "KEY=VALUE" in bad_env.stderr
+    for option, value, words in (("--mem", "lots", "memory 'lots'"),
+                                 ("--time", "0", "walltime must be positive")):
+        bad = cli("submit", option, value, "--", "true")
+        assert bad.returncode == 2
+        assert f"Invalid value for {option}" in bad.stderr and words in bad.stderr, bad.stderr
+
+
+def test_logs_shows_stdout_or_stderr_and_the_tail(cli):
+    cli("submit", "--wait", "--", "sh", "-c", "echo out1; echo out2; echo err >&2")
+    assert cli("logs", "1").stdout == "out1\nout2\n"
+    assert cli("logs", "1", "--stderr").stdout == "err\n"
+    assert cli("logs", "1", "--tail", "1").stdout == "out2\n"
 
 
 def test_config_check_reports_errors_with_line(cli, tmp_path):

@@ -70,8 +70,24 @@ def test_environment_chooses_file_and_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDCOUPLE_BACKEND", "nosuch")
     config = load_config()
     assert config.path == path and config.backend == "nosuch"
-    with pytest.raises(ConfigError, match="backend 'nosuch' is not installed; installed: .*local"):
+    with pytest.raises(ConfigError, match=r"^\$GRIDCOUPLE_BACKEND: backend 'nosuch' is not "
+                       "installed; installed: .*local"):
         check_config(config)
+    monkeypatch.setenv("GRIDCOUPLE_CONFIG", str(tmp_path / "gone.toml"))
+    with pytest.raises(ConfigError, match=r"gone.toml \(named by \$GRIDCOUPLE_CONFIG\) does not"):
+        load_config()
+
+
+def test_backend_chosen_on_the_command_line_is_named_so(tmp_path, monkeypatch):
+    from gridcouple.cli import open_config
+
+    monkeypatch.delenv("GRIDCOUPLE_BACKEND", raising=False)
+    path = write(tmp_path, """
+        [backend]
+        name = "local"
+    """)
+    with pytest.raises(ConfigError, match="^--backend: backend 'pbs' is not installed"):
+        check_config(open_config(path, "pbs"))
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -101,7 +117,43 @@ def test_environment_chooses_file_and_backend(tmp_path, monkeypatch):
         name = "local"
         [backend.local]
         slots = -1
-    """, ["{path}:3: [backend.local]: slots must be 0"], id="bad-value-names-the-table"),
+    """, ["{path}:4: [backend.local] slots: must be 0 (all CPUs) or more, got -1"],
+        id="bad-value-names-its-line"),
+    pytest.param("""
+        [backend.local]
+        slots = 2
+        policy = "fifo"
+    """, ["{path}:3: [backend.local] policy: unknown policy 'fifo'; known: conservative, easy"],
+        id="unknown-policy-is-caught-by-config-check"),
+    pytest.param("""
+        [backend.simgrid]
+        policy = "no_such_module_gc:Policy"
+    """, ["{path}:2: [backend.simgrid] policy: policy 'no_such_module_gc:Policy' cannot be"],
+        id="policy-that-does-not-import"),
+    pytest.param("""
+        backend = "local"
+    """, ["{path}:1: backend: expected a table", "got a string"], id="backend-not-a-table"),
+    pytest.param("""
+        state_dir = 7
+    """, ["{path}:1: state_dir: expected a string"], id="state-dir-not-a-string"),
+    pytest.param("""
+        [coupler]
+        host = "127.0.0.1"
+        join_timeout = -1
+    """, ["{path}:3: [coupler] join_timeout: must be positive, got -1"],
+        id="coupler-value-names-its-line"),
+    pytest.param("""
+        [backend.slurm]
+        extra_directives = ["#SBATCH --exclusive"]
+    """, ["{path}:2: [backend.slurm] extra_directives: '#SBATCH --exclusive' is not an sbatch"],
+        id="slurm-directive"),
+    pytest.param("""
+        [backend]
+        name = "local"
+        [backend.pbs]
+        queue = "long"
+    """, ["{path}:3: [backend.pbs]: backend 'pbs' is not installed"],
+        id="table-of-a-backend-that-is-not-installed"),
 ])
 def test_config_errors_name_file_line_and_key(tmp_path, text, expected):
     path, message = config_error(tmp_path, text)

@@ -168,9 +168,12 @@ def test_missing_stage_in_file_is_a_clear_error_and_nothing_runs(local_backend, 
     assert [r.status.state for r in records] == [JobState.FAILED, JobState.FAILED]
 
 
-def test_too_many_cpus_is_refused(local_backend):
+def test_what_the_machine_cannot_give_is_refused_before_anything_is_recorded(local_backend):
     with pytest.raises(BackendError, match="asks for 3 cpus.*2 slots"):
         local_backend.submit([sh("true", resources=Resources(cpus=3))])
+    with pytest.raises(BackendError, match="asks for 1 gpus; the local backend does not"):
+        local_backend.submit([sh("true", resources=Resources(gpus=1))])
+    assert local_backend.journal.records("local") == []
 
 
 def test_thousand_jobs_through_two_slots(local_backend):
@@ -214,7 +217,8 @@ def test_user_policy_orders_the_live_queue(state_dir, tmp_path, monkeypatch):
                         free -= job.procs
                 return chosen
     """))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # for the daemon
+    monkeypatch.syspath_prepend(str(tmp_path))  # the options check imports it here too
     backend = LocalBackend(LocalOptions(slots=1, policy="policy_lifo:LastComeFirstServed",
                                         idle_exit=5), state_dir=state_dir)
     try:

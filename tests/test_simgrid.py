@@ -78,8 +78,8 @@ def test_bad_options_and_jobs_are_refused(tmp_path, backend):
     config_file = tmp_path / "gridcouple.toml"
     config_file.write_text('[backend]\nname = "simgrid"\n\n[backend.simgrid]\n'
                            'workers = { a = 1.0 }\navailability = { b = [[0, 1, 0.5]] }\n')
-    with pytest.raises(ConfigError, match=r"gridcouple.toml:4: \[backend.simgrid\]: "
-                       "availability names workers that do not exist: b"):
+    with pytest.raises(ConfigError, match=r"gridcouple.toml:6: \[backend.simgrid\] "
+                       "availability: names workers that do not exist: b"):
         open_backend(load_config(config_file))
     with pytest.raises(BackendError, match="job x: the simgrid backend needs its run time"):
         backend.submit([spec("x", None)])

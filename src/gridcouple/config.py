@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gridcouple.errors import ConfigError
+from gridcouple.errors import ConfigError, OptionError
 
 T = TypeVar("T")
 
@@ -59,8 +59,10 @@ class CouplerSection:
     tls_key: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.join_timeout <= 0 or self.call_timeout < 0:
-            raise ValueError("join_timeout must be positive and call_timeout not negative")
+        if self.join_timeout <= 0:
+            raise OptionError("join_timeout", f"must be positive, got {self.join_timeout}")
+        if self.call_timeout < 0:
+            raise OptionError("call_timeout", f"must not be negative, got {self.call_timeout}")
 
 
 SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection}
@@ -76,6 +78,16 @@ class Config:
     sections: Mapping[str, Any]
     backend_tables: Mapping[str, Mapping[str, Any]]
     text: str = field(default="", repr=False)
+    backend_origin: str = ""  # where the backend name came from, for messages
+
+    def where_backend(self, name: str) -> str:
+        """Where backend ``name`` was asked for: the chosen one's origin (``[backend] name``,
+        ``$GRIDCOUPLE_BACKEND``, ``--backend``), else its ``[backend.NAME]`` table."""
+        if name == self.backend and self.backend_origin:
+            return self.backend_origin
+        if name in self.backend_tables:
+            return self.where(("backend", name), is_table=True)
+        return self.where(("backend", "name"))
 
     def section(self, name: str) -> Any:
         """The validated dataclass of a top-level section, e.g. ``config.section("coupler")``."""
@@ -112,7 +124,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         try:
             text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"config file {file} does not exist") from None
+            named = f" (named by ${CONFIG_ENV})" if path == os.environ.get(CONFIG_ENV) else ""
+            raise ConfigError(f"config file {file}{named} does not exist") from None
         except OSError as exc:
             raise ConfigError(f"config file {file} cannot be read: {exc.strerror}") from None
         try:
@@ -132,9 +145,10 @@ def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Co
     state_dir = data.get("state_dir", ".gridcouple")
     if not isinstance(state_dir, str):
         raise ConfigError(f"{probe.where(('state_dir',))}: expected a string (a directory path)")
-    backend_table = dict(data.get("backend", {}))
     if not isinstance(data.get("backend", {}), dict):
-        raise ConfigError(f"{probe.where(('backend',))}: expected a table")
+        raise ConfigError(f"{probe.where(('backend',))}: expected a table ([backend] with "
+                          f"name = \"local\"), got {_kind(data['backend'])}")
+    backend_table = dict(data.get("backend", {}))
     backend_tables = {k: v for k, v in backend_table.items() if isinstance(v, dict)}
     for name in backend_tables:
         del backend_table[name]
@@ -145,6 +159,7 @@ def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Co
             raise ConfigError(f"{probe.where((name,))}: expected a table")
         sections[name] = validate(section_type, table, (name,), probe)
     backend = os.environ.get(BACKEND_ENV) or sections["backend"].name
+    origin = f"${BACKEND_ENV}" if os.environ.get(BACKEND_ENV) else probe.where(("backend", "name"))
     return Config(
         path=file,
         state_dir=(base / Path(state_dir).expanduser()).resolve(),
@@ -152,6 +167,7 @@ def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Co
         sections=sections,
         backend_tables=backend_tables,
         text=text,
+        backend_origin=origin,
     )
 
 
@@ -161,7 +177,8 @@ def validate(
     """Build ``options_type`` (a dataclass) from a TOML table, checking names and types.
 
     Supported field types: str, int, float, bool, Path, list[X], dict[str, X], X | None,
-    Literal[...]. The dataclass's ``__post_init__`` may raise ValueError for bad values.
+    Literal[...]. The dataclass's ``__post_init__`` may raise OptionError (the message then
+    points at that key's line) or ValueError (at the table's) for bad values.
     """
     hints = typing.get_type_hints(options_type)
     fields = {f.name: f for f in dataclasses.fields(options_type) if f.init}  # type: ignore[arg-type]
@@ -173,6 +190,8 @@ def validate(
         values[key] = _convert(value, hints[key], keys, config)
     try:
         return options_type(**values)
+    except OptionError as exc:
+        raise ConfigError(f"{config.where((*where, exc.key))}: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"{config.where(where, is_table=True)}: {exc}") from None
 

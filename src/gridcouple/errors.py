@@ -9,6 +9,15 @@ class ConfigError(GridcoupleError):
     """A configuration file or value is wrong; the message names the file, key and line."""
 
 
+class OptionError(ValueError):
+    """A bad value of one option, raised by an options dataclass; ``key`` names the option so
+    the config error can point at its line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class BackendError(GridcoupleError):
     """A backend or the batch system behind it refused or failed a request."""
 

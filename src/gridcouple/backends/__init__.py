@@ -23,7 +23,7 @@ def backend_names() -> list[str]:
 def backend_class(name: str, config: Config | None = None) -> type[Backend]:
     """The class registered under ``name``; a clear error when it is not installed."""
     found = [ep for ep in entry_points(group=GROUP) if ep.name == name]
-    where = config.where(("backend", "name")) + ": " if config else ""
+    where = config.where_backend(name) + ": " if config else ""
     if not found:
         raise ConfigError(f"{where}backend {name!r} is not installed; installed: "
                           f"{', '.join(backend_names()) or 'none'}")

@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from gridcouple.backends.base import Backend
-from gridcouple.errors import BackendError
+from gridcouple.errors import BackendError, OptionError
 from gridcouple.jobs import Job, JobEvent, JobSpec, JobState, JobStatus
 from gridcouple.scheduler.engine import Machine, SimJob, SimState, Simulator, Worker
 from gridcouple.scheduler.journal import JobRecord
-from gridcouple.scheduler.policies import INFINITY, make_policy
+from gridcouple.scheduler.policies import INFINITY, check_policy, make_policy
 
 STATES = {
     SimState.PENDING: JobState.QUEUED,
@@ -61,14 +61,16 @@ class SimGridOptions:
 
     def __post_init__(self) -> None:
         if self.procs < 1:
-            raise ValueError(f"procs must be at least 1, got {self.procs}")
+            raise OptionError("procs", f"must be at least 1, got {self.procs}")
         unknown = set(self.availability) - set(self.workers)
         if unknown:
-            raise ValueError(f"availability names workers that do not exist: "
-                             f"{', '.join(sorted(unknown))}")
+            raise OptionError("availability", "names workers that do not exist: "
+                              f"{', '.join(sorted(unknown))}")
         for name, intervals in self.availability.items():
             if any(len(interval) != 3 for interval in intervals):
-                raise ValueError(f"availability of {name}: give [start, end, fraction] lists")
+                raise OptionError("availability", f"of {name}: give [start, end, fraction] "
+                                  "lists")
+        check_policy(self.policy)
 
     def machine(self) -> Machine:
         """The machine these options describe."""

@@ -47,4 +47,6 @@ BackendOption = Annotated[
 def open_config(config_path: Path | None, backend: str | None = None) -> Config:
     """Load the configuration the way every command does; ``backend`` overrides its choice."""
     config = load_config(config_path)
-    return dataclasses.replace(config, backend=backend) if backend else config
+    if not backend:
+        return config
+    return dataclasses.replace(config, backend=backend, backend_origin="--backend")

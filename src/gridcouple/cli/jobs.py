@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -33,6 +33,7 @@ from gridcouple.jobs import (
 )
 from gridcouple.scheduler.journal import JobRecord, Journal
 
+T = TypeVar("T")
 console = Console()
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -127,9 +128,12 @@ def submit(
     backend: BackendOption = None,
 ) -> None:
     """Submit a command as one job, or as --array N jobs, to the configured backend."""
+    memory_mb = _option("--mem", lambda: Resources(memory_mb=parse_memory(mem)).memory_mb) \
+        if mem else None
+    walltime = _option("--time", lambda: Resources(walltime=parse_duration(time_limit)).walltime) \
+        if time_limit else None
     try:
-        resources = Resources(cpus=cpus, memory_mb=parse_memory(mem) if mem else None,
-                              walltime=parse_duration(time_limit) if time_limit else None)
+        resources = Resources(cpus=cpus, memory_mb=memory_mb, walltime=walltime)
         base_env = _parse_pairs(env, "--env")
         specs = [JobSpec(argv=tuple(command), name=name, resources=resources,
                          environment={**base_env, ARRAY_INDEX_ENV: str(i)} if array > 1 else base_env,
@@ -152,6 +156,14 @@ def submit(
             raise typer.Exit(exit_code_for(statuses))
     finally:
         session.close()
+
+
+def _option(option: str, parse: Callable[[], T]) -> T:
+    """The value ``parse`` makes of an option; its ValueError names the option."""
+    try:
+        return parse()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def _status_table(records: Sequence[JobRecord], statuses: dict[int, JobStatus]) -> Table:

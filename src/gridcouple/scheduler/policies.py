@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import ClassVar, Protocol
 
-from gridcouple.errors import ConfigError
+from gridcouple.errors import ConfigError, OptionError
 
 INFINITY = math.inf
 
@@ -507,3 +507,11 @@ def make_policy(name: str) -> Policy:
     known = ", ".join(sorted(POLICIES))
     raise ConfigError(f"unknown policy {name!r}; known: {known}, or package.module:Class")
 
+
+def check_policy(name: str) -> None:
+    """Raise OptionError (key ``policy``) unless :func:`make_policy` can make ``name``, so a
+    configuration names a bad policy before a queue needs it."""
+    try:
+        make_policy(name)
+    except ConfigError as exc:
+        raise OptionError("policy", str(exc)) from None

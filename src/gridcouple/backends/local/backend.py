@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gridcouple.backends.base import Backend, Backoff
-from gridcouple.errors import BackendError
+from gridcouple.errors import BackendError, OptionError
 from gridcouple.jobs import Job, JobEvent, JobSpec, JobState, JobStatus
 from gridcouple.scheduler.journal import JobRecord
+from gridcouple.scheduler.policies import check_policy
 
 WAITING = (JobState.NEW, JobState.QUEUED, JobState.HELD)
 
@@ -41,9 +42,11 @@ class LocalOptions:
 
     def __post_init__(self) -> None:
         if self.slots < 0:
-            raise ValueError(f"slots must be 0 (all CPUs) or more, got {self.slots}")
-        if self.grace_period < 0 or self.idle_exit < 0:
-            raise ValueError("grace_period and idle_exit must not be negative")
+            raise OptionError("slots", f"must be 0 (all CPUs) or more, got {self.slots}")
+        for key in ("grace_period", "idle_exit"):
+            if getattr(self, key) < 0:
+                raise OptionError(key, f"must not be negative, got {getattr(self, key)}")
+        check_policy(self.policy)
 
     @property
     def capacity(self) -> int:
@@ -92,6 +95,9 @@ class LocalBackend(Backend):
             if spec.resources.cpus > capacity:
                 raise BackendError(f"job {spec.name} asks for {spec.resources.cpus} cpus; the "
                                    f"local backend has {capacity} slots ([backend.local] slots)")
+            if spec.resources.gpus:
+                raise BackendError(f"job {spec.name} asks for {spec.resources.gpus} gpus; the "
+                                   "local backend does not allocate GPUs")
             if spec.resources.nodes > 1:
                 raise BackendError(f"job {spec.name} asks for {spec.resources.nodes} nodes; the "
                                    "local backend has one")

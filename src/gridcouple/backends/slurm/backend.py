@@ -40,7 +40,7 @@ from gridcouple.backends.slurm.script import (
     render_job_script,
 )
 from gridcouple.backends.slurm.states import decode_exit_code, decode_wait_status, slurm_status
-from gridcouple.errors import BackendError, QueryUnavailableError
+from gridcouple.errors import BackendError, OptionError, QueryUnavailableError
 from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
 from gridcouple.scheduler.journal import JobRecord
 
@@ -73,17 +73,21 @@ class SlurmOptions:
     command_timeout: float = 60.0  # seconds a Slurm command may take before it is given up
 
     def __post_init__(self) -> None:
-        check_directives(self.extra_directives, "extra_directives")
-        if self.poll_interval <= 0 or self.command_timeout <= 0:
-            raise ValueError("poll_interval and command_timeout must be positive")
+        try:
+            check_directives(self.extra_directives)
+        except ValueError as exc:
+            raise OptionError("extra_directives", str(exc)) from None
+        for key in ("poll_interval", "command_timeout"):
+            if getattr(self, key) <= 0:
+                raise OptionError(key, f"must be positive, got {getattr(self, key)}")
 
 
-def check_directives(directives: Iterable[object], where: str) -> None:
+def check_directives(directives: Iterable[object]) -> None:
     """Each extra directive is one sbatch option such as ``--exclusive`` or ``--mail-type=END``."""
     for directive in directives:
         if not isinstance(directive, str) or not directive.startswith("-"):
-            raise ValueError(f"{where}: {directive!r} is not an sbatch option (like "
-                             "'--exclusive'; leave out '#SBATCH')")
+            raise ValueError(f"{directive!r} is not an sbatch option (like '--exclusive'; leave "
+                             "out '#SBATCH')")
 
 
 def sbatch_options(spec: JobSpec, options: SlurmOptions) -> tuple[str, ...]:
@@ -114,9 +118,9 @@ def sbatch_options(spec: JobSpec, options: SlurmOptions) -> tuple[str, ...]:
     if isinstance(extra, str):  # from the command line: "--exclusive --mail-type=END"
         extra = shlex.split(extra)
     try:
-        check_directives(extra, f"job {spec.name}: attribute slurm.extra_directives")
+        check_directives(extra)
     except ValueError as exc:
-        raise BackendError(str(exc)) from None
+        raise BackendError(f"job {spec.name}: attribute slurm.extra_directives: {exc}") from None
     return (*chosen, *options.extra_directives, *extra)
 
 
