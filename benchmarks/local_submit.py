@@ -37,9 +37,10 @@ def popen_loop(jobs: int, slots: int, output_dir: Path | None = None) -> float:
                                                stdout=out, stderr=err)
             running[process.pid] = process
             launched += 1
-        pid, _ = os.wait()
+        pid, wait_status = os.wait()
         process = running.pop(pid)
-        process.returncode = 0
+        process.returncode = os.waitstatus_to_exitcode(wait_status)
+        assert process.returncode == 0, f"peer job {pid} exited {process.returncode}"
     return time.perf_counter() - started
 
 
