@@ -3,6 +3,7 @@ teardown."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -57,7 +58,7 @@ def statuses_after(backend, jobs):
 
 def test_allocate_several_call_remotely_and_leave_nothing_behind(config_file):
     with Coupler.from_config(config_file) as coupler:
-        assert coupler.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert coupler.scheduler_address.startswith("tls://127.0.0.1:")  # mutual TLS, always
         first, second = coupler.allocate_many([
             AppRequest("test_appkit_apps:Counter", name="one"),
             AppRequest("test_appkit_apps:Counter", name="two")])
@@ -170,3 +171,24 @@ def test_call_timeout_ends_a_call_to_a_stuck_server(config_file):
         backend = coupler.backend
     [status] = statuses_after(backend, [pid_job])
     assert status.state.is_final  # leaving the block still ended the job
+
+
+def test_the_scheduler_refuses_peers_without_the_sessions_certificate(config_file):
+    """A dask peer may send pickles: another local process (or user) must not get in."""
+    from distributed.comm import connect as dask_connect
+    from distributed.security import Security
+
+    async def try_to_connect(address: str, security: Security) -> None:
+        comm = await dask_connect(address, timeout=3,
+                                  **security.get_connection_args("client"))
+        await comm.write({"op": "identity", "reply": True})
+        await comm.read()
+
+    with Coupler.from_config(config_file) as coupler:
+        address = coupler.scheduler_address
+        plain = address.replace("tls://", "tcp://")
+        for target, security in ((plain, Security()), (address, Security.temporary())):
+            with pytest.raises((OSError, TimeoutError)):
+                asyncio.run(try_to_connect(target, security))
+        # the session's own certificate gets in, as the application servers do
+        asyncio.run(try_to_connect(address, Security(**coupler._scheduler_client_kwargs)))

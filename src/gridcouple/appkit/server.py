@@ -8,7 +8,8 @@ stdout, and, when started by a coupler:
 1. registers the endpoint with the coupler (``$GRIDCOUPLE_COUPLER``) over a connection that
    stays open: when the coupler goes away, the server terminates the application and exits;
 2. then joins the coupler's dask scheduler (``$GRIDCOUPLE_SCHEDULER``) under the job's name,
-   in the background, so starting the server does not wait for dask to import.
+   in the background, so starting the server does not wait for dask to import. The scheduler
+   speaks mutual TLS only; the session's certificate comes in ``$GRIDCOUPLE_SCHEDULER_TLS``.
 
 It ends after ``terminate()``, on SIGTERM or SIGINT (the batch system cancelling the job), or
 when its coupler disappears. The secret comes in ``$GRIDCOUPLE_APP_TOKEN``.
@@ -47,7 +48,8 @@ COUPLER_ENV = "GRIDCOUPLE_COUPLER"
 SCHEDULER_ENV = "GRIDCOUPLE_SCHEDULER"
 JOB_NAME_ENV = "GRIDCOUPLE_JOB_NAME"
 JOB_ID_ENV = "GRIDCOUPLE_JOB_ID"
-TLS_ENV = "GRIDCOUPLE_TLS"  # JSON: distributed Security keyword arguments
+TLS_ENV = "GRIDCOUPLE_TLS"  # JSON: distributed Security keyword arguments (direct channels)
+SCHEDULER_TLS_ENV = "GRIDCOUPLE_SCHEDULER_TLS"  # JSON: Security keyword arguments to join dask
 JOIN_HANDLER = "gridcouple_join"
 
 
@@ -168,7 +170,7 @@ async def _join(address: str, token: str, name: str, endpoint: str) -> None:
     from distributed.comm import connect as dask_connect
     from distributed.security import Security
 
-    security = Security(**json.loads(os.environ.get(TLS_ENV, "{}")))
+    security = Security(**json.loads(os.environ.get(SCHEDULER_TLS_ENV, "{}")))
     comm = await dask_connect(address, **security.get_connection_args("client"))
     message: dict[str, Any] = {"op": JOIN_HANDLER, "name": name, "endpoint": endpoint,
                                "pid": os.getpid(), "host": socket.gethostname(),

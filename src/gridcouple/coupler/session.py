@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridcouple.appkit.server import JOIN_HANDLER, TLS_ENV, join_proof
+from gridcouple.appkit.server import JOIN_HANDLER, SCHEDULER_TLS_ENV, TLS_ENV, join_proof
 from gridcouple.appkit.transport import (
     TOKEN_ENV,
     ApplicationProxy,
@@ -120,6 +120,7 @@ class Coupler:
         self._registry: socket.socket | None = None
         self._registry_channels: list[Channel] = []
         self._scheduler_members: dict[str, dict[str, Any]] = {}
+        self._scheduler_client_kwargs: dict[str, Any] = {}
         self._store_root: str | None = None
         self._own_store = False
         self.security_kwargs = self._security_kwargs()
@@ -162,7 +163,7 @@ class Coupler:
 
     @property
     def scheduler_address(self) -> str:
-        """The dask scheduler's address (``tcp://127.0.0.1:PORT`` by default)."""
+        """The dask scheduler's address (``tls://127.0.0.1:PORT`` by default)."""
         if self._scheduler is None:
             raise ApplicationError("the coupler is not started; use it in a with block")
         return self._scheduler.address
@@ -252,6 +253,7 @@ class Coupler:
             "GRIDCOUPLE_COUPLER": self.registry_endpoint,
             "GRIDCOUPLE_SCHEDULER": self.scheduler_address,
             "GRIDCOUPLE_FIELD_STORE": f"{self._store_root}/{member.name}",
+            SCHEDULER_TLS_ENV: json.dumps(self._scheduler_client_kwargs),
             **({TLS_ENV: json.dumps(self.security_kwargs)} if self.security_kwargs else {}),
             **request.environment,
         }
@@ -410,27 +412,42 @@ class Coupler:
     # --- the dask scheduler ------------------------------------------------------------
 
     def _start_scheduler(self) -> None:
+        import dask
         from distributed import Scheduler
 
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="dask-scheduler", daemon=True).start()
         self._loop = loop
 
-        async def start() -> Any:
-            kwargs: dict[str, Any] = {}
-            if self.security_kwargs:
-                from distributed.security import Security
+        security = self._scheduler_security()
+        self._scheduler_client_kwargs = {
+            "require_encryption": True, "tls_ca_file": security.tls_ca_file,
+            "tls_client_cert": security.tls_client_cert, "tls_client_key": security.tls_client_key}
 
-                kwargs = {"security": Security(**self.security_kwargs), "protocol": "tls"}
+        async def start() -> Any:
             host = self.settings.host
-            # The scheduler's HTTP routes listen where it does, on any free port.
+            # No HTTP routes: the scheduler is our membership list, not a dashboard. Its HTTP
+            # server still listens where it does, on any free port, and answers 404.
             http = f"[{host}]:0" if ":" in host else f"{host}:0"
-            scheduler = Scheduler(host=host, port=self.settings.port, dashboard=False,
-                                  dashboard_address=http, **kwargs)
+            with dask.config.set({"distributed.scheduler.http.routes": []}):
+                scheduler = Scheduler(host=host, port=self.settings.port, dashboard=False,
+                                      dashboard_address=http, security=security,
+                                      protocol="tls")
             scheduler.handlers[JOIN_HANDLER] = self._scheduler_join
             return await scheduler
 
         self._scheduler = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+
+    def _scheduler_security(self) -> Any:
+        """Mutual TLS for the dask scheduler, always: a dask peer may send pickles, so only
+        holders of the session's certificate may connect. Beyond loopback it is the configured
+        one; on loopback a certificate made for this session (so another local user cannot
+        run code in the coupler through the scheduler)."""
+        from distributed.security import Security
+
+        if self.security_kwargs:
+            return Security(**self.security_kwargs)
+        return Security.temporary()
 
     async def _scheduler_join(self, comm: Any, name: str, endpoint: str, proof: str,
                               **info: Any) -> Any:
