@@ -501,9 +501,16 @@ class Coupler:
                 "tls_client_key": key, "tls_scheduler_cert": cert, "tls_scheduler_key": key}
 
     def _field_store_root(self) -> str:
+        """``[coupler] field_store``, else a directory of our own: in /dev/shm for the local
+        backend (one machine), else below the state directory, which batch backends need on a
+        file system their nodes share anyway."""
         if self.settings.field_store:
             return self.settings.field_store.rstrip("/")
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        if self.backend.name == "local":
+            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        else:
+            base = str(self.backend.state_dir / "fields")
+            os.makedirs(base, mode=0o700, exist_ok=True)
         self._own_store = True
         return tempfile.mkdtemp(prefix="gridcouple-fields-", dir=base)
 
