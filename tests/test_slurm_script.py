@@ -220,7 +220,7 @@ def test_config_table_is_validated_with_file_and_line(tmp_path):
         extra_directives = ["#SBATCH --exclusive"]
     """))
     config = load_config(config_file)
-    with pytest.raises(ConfigError, match=r"gridcouple.toml:5: \[backend.slurm\]: "
+    with pytest.raises(ConfigError, match=r"gridcouple.toml:7: \[backend.slurm\] "
                                           r"extra_directives: '#SBATCH --exclusive'"):
         config.backend_options("slurm", SlurmOptions)
     config_file.write_text('[backend.slurm]\nqueue = "x"\n')
