@@ -50,6 +50,52 @@ def test_field_shapes_are_validated_with_the_field_named():
     assert cells.values.shape == (3, 2, 3, 3)
     with pytest.raises(ValueError, match="field_id"):
         Field(MESH, np.zeros((4, 3)), "no/slash")
+    with pytest.raises(TypeError, match="Field 't': units must be a string"):
+        Field(MESH, np.zeros((4, 3)), "t", "scalar", 273.15)
+
+
+def test_property_takes_only_its_value_by_position():
+    # The order (value, units, time, object_id) and MuPIF's (value, propID, valueType,
+    # unit, ...) disagree: only keywords say which is meant.
+    with pytest.raises(TypeError, match="positional"):
+        Property(1.0, "K", 0.0, 0)
+    with pytest.raises(TypeError, match="positional"):
+        Property(1.0, "K")
+    prop = Property(1.0, property_id="conductivity", units="W/m/K", time=0.5, object_id=3)
+    assert (prop.getValue(), prop.getPropertyID(), prop.getUnits(), prop.getTime(),
+            prop.getObjectID(), prop.getValueType()) == (1.0, "conductivity", "W/m/K", 0.5, 3,
+                                                         "scalar")
+    assert Property.from_wire(prop.to_wire()) == prop
+    assert Property(np.float32(2.5), property_id="p").value == 2.5
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"units": 1.0}, TypeError, r"Property 'p': units must be a string .* got float 1.0"),
+    ({"units": None}, TypeError, "units must be a string"),
+    ({"value": [1.0, 2.0]}, ValueError,
+     r"a scalar value must be a single number, got shape \(2,\); pass value_type='vector'"),
+    ({"value": 1.0, "value_type": "vector"}, ValueError,
+     r"'p': a vector value must be a non-empty 1-D array, got shape \(\)"),
+    ({"value": [], "value_type": "vector"}, ValueError, r"non-empty 1-D array, got shape \(0,"),
+    ({"value": [1.0, 2.0], "value_type": "tensor"}, ValueError,
+     r"a tensor value must be a non-empty 2-D array, got shape \(2,\); pass "
+     "value_type='vector'"),
+    ({"value": "hot"}, TypeError, "the value must be numeric, got str 'hot'"),
+    ({"value_type": "matrix"}, ValueError, "value_type must be 'scalar', 'vector' or 'tensor'"),
+    ({"time": float("nan")}, ValueError, "time must be a finite number or None"),
+    ({"object_id": "a"}, TypeError, "object_id must be an integer"),
+    ({"property_id": ""}, TypeError, "property_id must be a non-empty string"),
+])
+def test_property_refuses_what_does_not_fit_naming_it(kwargs, error, message):
+    arguments = {"value": 1.0, "property_id": "p", **kwargs}
+    with pytest.raises(error, match=message):
+        Property(arguments.pop("value"), **arguments)
+
+
+def test_property_vectors_and_tensors_are_arrays():
+    vector = Property([1, 2, 3], property_id="v", value_type="vector")
+    tensor = Property([[1.0, 0.0], [0.0, 1.0]], property_id="k", value_type="tensor")
+    assert vector.value.shape == (3,) and tensor.value.shape == (2, 2)
 
 
 def test_meshes_reject_bad_geometry_and_round_trip():
@@ -128,7 +174,8 @@ def test_wire_carries_appkit_objects_and_arrays_but_nothing_else(tmp_path):
     mesh = UnstructuredMesh([[0, 0], [1, 0], [0, 1]], {"triangle": [[0, 1, 2]]})
     ref = FieldStore(tmp_path).put(Field(MESH, np.ones(MESH.shape), "t"))
     value = {"field": Field(mesh, np.arange(3.0), "c", units="mol"), "ref": ref,
-             "step": TimeStep(1.0, 0.1, 10), "prop": Property([1, 2], "p"),
+             "step": TimeStep(1.0, 0.1, 10),
+             "prop": Property([1, 2], property_id="p", value_type="vector", units="m"),
              "ints": np.arange(5, dtype=np.int32), "scalar": np.float32(2.5)}
     header, buffers = encode(value)
     back = decode(header, [bytes(b) for b in buffers])
@@ -136,7 +183,7 @@ def test_wire_carries_appkit_objects_and_arrays_but_nothing_else(tmp_path):
     np.testing.assert_array_equal(back["field"].values, np.arange(3.0))
     assert back["ref"] == ref and back["step"] == TimeStep(1.0, 0.1, 10)
     assert back["ints"].dtype == np.int32 and back["scalar"] == 2.5
-    assert list(back["prop"].value) == [1, 2]
+    assert list(back["prop"].value) == [1, 2] and back["prop"].units == "m"
     with pytest.raises(TypeError, match="cannot send a pathlib"):
         encode({"path": tmp_path})
 

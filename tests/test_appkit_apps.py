@@ -31,7 +31,7 @@ class Counter(Application):
         return 0.25
 
     def get_property(self, property_id: str, time: float | None = None) -> Property:
-        return Property(self.value, property_id, "kg/m**3", time)
+        return Property(self.value, property_id=property_id, units="kg/m**3", time=time)
 
     def get_field(self, field_id: str, time: float) -> Field:
         return Field(MESH, np.full(MESH.shape, self.value), field_id, units="K", time=time)

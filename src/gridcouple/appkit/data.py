@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -68,9 +68,16 @@ class TimeStep:
 
 @dataclass(frozen=True)
 class Property:
-    """A value an application reports or accepts: a number, or a small array."""
+    """A value an application reports or accepts: a number (scalar), a 1-D array (vector) or
+    a 2-D array (tensor).
+
+    Only ``value`` is positional; the rest are keywords, so neither MuPIF's order
+    (``value, propID, valueType, unit, time, objectID``) nor ``value, units, time`` can put an
+    argument in the wrong place: ``Property(1.0, property_id="c", units="K", time=0.5)``.
+    """
 
     value: Any
+    _: KW_ONLY
     property_id: str
     units: str = ""
     time: float | None = None
@@ -78,9 +85,17 @@ class Property:
     value_type: ValueType = "scalar"
 
     def __post_init__(self) -> None:
-        if isinstance(self.value, list | tuple):
-            object.__setattr__(self, "value", np.asarray(self.value))
+        if not isinstance(self.property_id, str) or not self.property_id:
+            raise TypeError(f"Property.property_id must be a non-empty string, "
+                            f"got {self.property_id!r}")
+        name = f"Property {self.property_id!r}"
         _check_value_type(self.value_type, "Property")
+        _check_units(self.units, name)
+        if self.time is not None and not (_is_real(self.time) and math.isfinite(self.time)):
+            raise ValueError(f"{name}: time must be a finite number or None, got {self.time!r}")
+        if not isinstance(self.object_id, int | np.integer) or isinstance(self.object_id, bool):
+            raise TypeError(f"{name}: object_id must be an integer, got {self.object_id!r}")
+        object.__setattr__(self, "value", _property_value(self.value, self.value_type, name))
 
     def getValue(self, time: float | None = None) -> Any:
         return self.value
@@ -88,13 +103,26 @@ class Property:
     def getPropertyID(self) -> str:
         return self.property_id
 
+    def getUnits(self) -> str:
+        return self.units
+
+    def getValueType(self) -> str:
+        return self.value_type
+
+    def getTime(self) -> float | None:
+        return self.time
+
+    def getObjectID(self) -> int:
+        return self.object_id
+
     def to_wire(self) -> dict[str, Any]:
         return {"value": self.value, "property_id": self.property_id, "units": self.units,
                 "time": self.time, "object_id": self.object_id, "value_type": self.value_type}
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Property:
-        return cls(**data)
+        data = dict(data)
+        return cls(data.pop("value"), **data)
 
 
 class Mesh:
@@ -246,6 +274,7 @@ class Field:
             raise ValueError(f"Field.field_id {self.field_id!r}: use 1-128 letters, digits, "
                              "'_', '.', '+' or '-'")
         _check_value_type(self.value_type, "Field")
+        _check_units(self.units, f"Field {self.field_id!r}")
         if self.location not in ("vertex", "cell"):
             raise ValueError(f"Field.location must be 'vertex' or 'cell', got {self.location!r}")
         self.values = np.asarray(self.values)
@@ -287,6 +316,37 @@ class Field:
         data = dict(data)
         mesh = data.pop("mesh")
         return cls(mesh=mesh if isinstance(mesh, Mesh) else Mesh.from_wire(mesh), **data)
+
+
+_PROPERTY_NDIM = {"scalar": 0, "vector": 1, "tensor": 2}
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_)
+
+
+def _property_value(value: Any, value_type: str, name: str) -> Any:
+    """A scalar stays a number; a vector becomes a 1-D, a tensor a 2-D numeric array."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biufc":
+        raise TypeError(f"{name}: the value must be numeric, got {type(value).__name__} "
+                        f"{value!r:.60}")
+    ndim = _PROPERTY_NDIM[value_type]
+    if array.ndim != ndim or (ndim and 0 in array.shape):
+        wanted = {0: "a single number", 1: "a non-empty 1-D array",
+                  2: "a non-empty 2-D array"}[ndim]
+        hint = {0: "scalar", 1: "vector", 2: "tensor"}.get(array.ndim)
+        suffix = f"; pass value_type={hint!r}" if hint and hint != value_type else ""
+        raise ValueError(f"{name}: a {value_type} value must be {wanted}, got shape "
+                         f"{array.shape}{suffix}")
+    return array.item() if ndim == 0 else array
+
+
+def _check_units(units: object, owner: str) -> None:
+    if not isinstance(units, str):
+        raise TypeError(f"{owner}: units must be a string such as 'K' or 'kg/m**3', got "
+                        f"{type(units).__name__} {units!r}")
 
 
 def _check_value_type(value_type: str, owner: str) -> None:

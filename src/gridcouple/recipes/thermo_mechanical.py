@@ -56,7 +56,8 @@ class HeatSolver(Application):
     def get_property(self, property_id: str, time: float | None = None) -> Property:
         if property_id != "mean_temperature":
             raise KeyError(f"the heat solver has no property {property_id!r}")
-        return Property(float(self.temperature.mean()), property_id, "K", self.time)
+        return Property(float(self.temperature.mean()), property_id=property_id, units="K",
+                        time=self.time)
 
     def get_field(self, field_id: str, time: float) -> Field:
         if field_id != "temperature":
@@ -109,10 +110,13 @@ class ThermalExpansion(Application):
 
     def get_property(self, property_id: str, time: float | None = None) -> Property:
         if property_id == "right_edge_displacement":  # the mean u_x of the edge x = 2 m
-            return Property(float(self.displacement[-1, :, 0].mean()), property_id, "m", time)
-        if property_id == "vtk_files":
-            return Property(list(self.written), property_id, "", time)
+            return Property(float(self.displacement[-1, :, 0].mean()), property_id=property_id,
+                            units="m", time=time)
         raise KeyError(f"the expansion solver has no property {property_id!r}")
+
+    def vtk_files(self) -> list[str]:
+        """The VTK files written so far, oldest first."""
+        return list(self.written)
 
 
 def _cumulative_trapezoid(values: np.ndarray, spacing: float, axis: int) -> np.ndarray:
@@ -151,6 +155,6 @@ def main(config: Config, console: Console) -> None:
                 table.add_row(str(tstep.number), f"{tstep.time:.4f}", f"{mean:.3f}",
                               f"{moved:.3e}")
                 advance(tstep)
-        files = mechanics.get_property("vtk_files").value
+        files = mechanics.vtk_files()
     console.print(table)
     console.print(f"{len(files)} VTK files in {output}")

@@ -29,7 +29,7 @@ class Concentration(Application):
         self.value = 1.0 * tstep.time
 
     def get_property(self, property_id: str, time: float | None = None) -> Property:
-        return Property(self.value, "concentration", "kg/m**3", time)
+        return Property(self.value, property_id="concentration", units="kg/m**3", time=time)
 
     def get_critical_time_step(self) -> float:
         return 0.1
@@ -51,7 +51,8 @@ class RunningAverage(Application):
         self.count += 1
 
     def get_property(self, property_id: str, time: float | None = None) -> Property:
-        return Property(self.value, "cumulative concentration", "kg/m**3", time)
+        return Property(self.value, property_id="cumulative concentration", units="kg/m**3",
+                        time=time)
 
     def get_critical_time_step(self) -> float:
         return 1.0
