@@ -186,7 +186,30 @@ def test_cost_function_decides_durations():
 def test_finish_time_needs_an_available_worker():
     never = Worker("never", availability=((0, math.inf, 0.0),))
     with pytest.raises(SimulationError, match="never available"):
-        finish_time(0, 5, [never])
+        finish_time(0, [(never, 5)])
+
+
+def test_a_job_on_several_workers_goes_at_the_pace_of_the_slowest_at_each_moment():
+    # a speed 1 at 50 % and b speed 0.5 at 100 %: each does 10 s of work in 20 s, so do both
+    half = Worker("a", availability=((0, 100, 0.5),))
+    slow = Worker("b", speed=0.5)
+    for machine in (Machine((half,)), Machine((slow,)), Machine((half, slow))):
+        width = machine.capacity
+        assert simulate([SimJob(0, width, 100, 10)], make_policy("fcfs"), machine).end == [20]
+    # the slowest one changes: a (speed 1) at 25 % over [0, 8) and from 16 on, b (speed 0.5)
+    # paused over [20, 22). Work done: 0.25 x 8 = 2 by 8 (a is slower), 0.5 x 8 = 4 more by 16
+    # (b is), 0.25 x 4 = 1 more by 20 (a), none by 22, the last 3 at 0.25 by 34
+    a = Worker("a", availability=((0, 8, 0.25), (16, 40, 0.25)))
+    b = Worker("b", speed=0.5, availability=((20, 22, 0.0),))
+    sim = simulate([SimJob(0, 2, 100, 10)], make_policy("fcfs"), Machine((a, b)))
+    assert (sim.placement, sim.end) == ({0: (0, 1)}, [34])
+    # with a cost function: 8 s on a, at 25 % until 8: a quarter of the job by then (b alone
+    # would have done 8 of its 12 s); then b is the slower: 3/4 of its 12 s, 9 s more
+    cost = {"a": 8.0, "b": 12.0}
+    early = Worker("a", availability=((0, 8, 0.25),))
+    sim = simulate([SimJob(0, 2, 100, 0)], make_policy("fcfs"), Machine((early, Worker("b"))),
+                   duration=lambda job, worker: cost[worker.name])
+    assert sim.end == [17]
 
 
 def test_cancel_waiting_and_running_jobs_frees_the_machine():

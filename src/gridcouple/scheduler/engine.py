@@ -3,8 +3,8 @@
 Nothing runs: a job's run time is a number (its ``work``: seconds on a speed-1 worker, or what
 a cost function says for the workers it gets). The machine is P identical processors, or
 workers with a speed factor and an availability trace (intervals in which a worker runs at a
-fraction of its speed, as PyMW's SimWorker; 0 pauses it). A job holds ``procs`` workers; on
-workers of different speeds it runs at the pace of its slowest one.
+fraction of its speed, as PyMW's SimWorker; 0 pauses it). A job holds ``procs`` workers and
+runs, at each moment, at the pace of the one that is slowest then (speed x availability).
 
 At each moment the engine first ends the jobs due, then queues the jobs that arrive, then asks
 the policy once (not while no processor is free, if the policy is ``idle_when_full``).
@@ -354,14 +354,12 @@ class Simulator:
         slow worker last; ties: the fastest first); returns when it ends."""
         job = self.jobs[number]
         workers = self.machine.workers
-
-        def seconds_on(index: int) -> float:
-            worker = workers[index]
-            return self.duration(job, worker) if self.duration else job.work / worker.speed
+        seconds = {i: self.duration(job, workers[i]) if self.duration
+                   else job.work / workers[i].speed for i in self._idle}
 
         def end_alone(index: int) -> float:
             try:
-                return finish_time(now, seconds_on(index), (workers[index],))
+                return finish_time(now, [(workers[index], seconds[index])])
             except SimulationError:  # never available again: the last choice
                 return INFINITY
 
@@ -370,7 +368,7 @@ class Simulator:
         for index in chosen:
             self._idle.remove(index)
         self.placement[number] = chosen
-        return finish_time(now, max(seconds_on(i) for i in chosen), [workers[i] for i in chosen])
+        return finish_time(now, [(workers[i], seconds[i]) for i in chosen])
 
     def _give_back(self, number: int) -> None:
         speed = [w.speed for w in self.machine.workers]
@@ -390,13 +388,21 @@ class Simulator:
         self._known = 0
 
 
-def finish_time(start: float, seconds: float, workers: Sequence[Worker]) -> float:
-    """When ``seconds`` of full-speed work done from ``start`` ends, at the pace the
-    availability traces of ``workers`` allow (the least available one sets the pace)."""
-    edges = sorted({t for w in workers for a, b, _ in w.availability for t in (a, b) if t > start})
-    now, left = start, seconds
+def finish_time(start: float, needs: Sequence[tuple[Worker, float]]) -> float:
+    """When a job started at ``start`` ends on several workers at once, each given with the
+    seconds it needs for the job at full availability. At each moment the job goes at the pace
+    of the worker that is slowest then (its availability over its seconds); a worker that
+    needs no time never holds it back, so a job that needs none anywhere ends at ``start``."""
+    longest = max(seconds for _, seconds in needs)
+    if longest <= 0:
+        return start
+    # each worker's pace relative to the slowest one at full availability (which has 1)
+    paces = [(worker, longest / seconds) for worker, seconds in needs if seconds > 0]
+    edges = sorted({t for worker, _ in paces for a, b, _ in worker.availability
+                    for t in (a, b) if t > start})
+    now, left = start, longest
     for edge in [*edges, INFINITY]:
-        rate = min(w.fraction(now) for w in workers)
+        rate = min(worker.fraction(now) * pace for worker, pace in paces)
         if rate > 0 and now + left / rate <= edge:
             return now + left / rate
         if edge == INFINITY:
