@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from gridcouple.cli import app, jobs, simulate  # noqa: F401  (registers the commands, as main does)
+from gridcouple.cli import app, jobs, main, simulate  # noqa: F401  (registers the commands, as main does)
 from gridcouple.scheduler.engine import Machine, Simulator
 from gridcouple.scheduler.engine import simulate as run_simulation
 from gridcouple.scheduler.metrics import simulator_metrics
@@ -71,7 +72,8 @@ def test_default_replay_rules_and_counts(trace_file):
     assert replay.counts == {
         "records": 6, "dropped: no procs given": 1, "drop: run time <= 0": 1,
         "keep: cancelled (status 5)": 1, "drop: wider than 8 procs": 1,
-        "estimate from run time": 1, "run time > estimate": 1, "jobs replayed": 3,
+        "procs from allocated": 1, "estimate from run time": 1, "run time > estimate": 1,
+        "jobs replayed": 3,
     }
 
 
@@ -84,6 +86,7 @@ def test_other_replay_choices(trace_file):
     assert [(j.procs, j.estimate) for j in replay.jobs] == [(2, 10), (4, 30), (8, 5)]
     assert replay.counts["clip: wider than 8 procs"] == 1
     assert replay.counts["drop: cancelled (status 5)"] == 2
+    assert replay.counts["procs from requested"] == 1  # job 2 has no allocated procs
     with pytest.raises(SwfError, match=r"small.swf.gz:10: job asks for 16 processors"):
         replay_jobs(trace, 8, ReplayOptions(too_wide="error"))
 
@@ -91,12 +94,34 @@ def test_other_replay_choices(trace_file):
 @pytest.mark.parametrize(("line", "message"), [
     ("7 10 0 5 1 -1 -1 1 10 -1 1 1 1 -1 1 -1 -1", "expected 18 fields, found 17"),
     ("7 10 0 5 1 -1 -1 1 ten -1 1 1 1 -1 1 -1 -1 -1", "field requested_time is not a number"),
+    ("7 nan 0 5 1 -1 -1 1 10 -1 1 1 1 -1 1 -1 -1 -1",
+     "field submit_time is not a finite number: 'nan'"),
+    ("7 10 0 inf 1 -1 -1 1 10 -1 1 1 1 -1 1 -1 -1 -1",
+     "field run_time is not a finite number: 'inf'"),
+    ("7 10 0 5 1 -1 -1 2.5 10 -1 1 1 1 -1 1 -1 -1 -1",
+     "field requested_procs is not a whole number: '2.5'"),
+    ("7 -3 0 5 1 -1 -1 1 10 -1 1 1 1 -1 1 -1 -1 -1", "field submit_time is negative: '-3'"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.swf"
     path.write_text(HEADER + ROWS + line + "\n")
     with pytest.raises(SwfError, match=rf"bad.swf:12: {message}"):
         read_swf(path)
+
+
+def test_averages_may_have_fractions_other_fields_may_not(tmp_path):
+    path = tmp_path / "averages.swf"
+    path.write_text(HEADER + "7 10 0 5 1 2.75 1024.5 1 10 -1 1 1 1 -1 1 -1 -1 -1\n")
+    records = read_swf(path).records
+    assert records[0, [COLUMN["average_cpu_time"], COLUMN["used_memory"]]].tolist() == [
+        2.75, 1024.5]
+    write_swf(tmp_path / "back.swf", records)
+    assert read_swf(tmp_path / "back.swf").records.tolist() == records.tolist()
+    records[0, COLUMN["run_time"]] = 5.5
+    with pytest.raises(SwfError, match="record 1, field run_time: 5.5 is not a whole number"):
+        write_swf(tmp_path / "back.swf", records)
+    with pytest.raises(SwfError, match=f"cannot write {tmp_path}: Is a directory"):
+        write_swf(tmp_path, read_swf(path).records)
 
 
 def test_missing_file_and_missing_machine_size(tmp_path):
@@ -140,6 +165,24 @@ def test_simulate_command_rejects_a_bad_choice(trace_file):
     assert "--too-wide 'shrink': choose one of drop, clip, error" in str(result.exception)
 
 
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+def test_simulate_output_errors_are_one_line_and_exit_2(trace_file, tmp_path, option,
+                                                        monkeypatch, capsys):
+    missing = tmp_path / "no-such-folder" / "schedule"
+    taken = tmp_path / "a-folder.png"
+    taken.mkdir()
+    for target, message in ((missing, f"the folder {missing.parent} does not exist"),
+                            (taken, f"cannot write {taken}: Is a directory")):
+        monkeypatch.setattr(sys, "argv", ["gridcouple", "simulate", str(trace_file), "-p",
+                                          "fcfs", option, str(target)])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("gridcouple: error: ") and message in error
+        assert error.count("\n") == 1
+
+
 def traces_folder() -> Path:
     """The real traces' folder; they are data, not a service, so without them the test skips
     (also with CI=true: a clone without ../shared/traces has none to read)."""
@@ -158,6 +201,7 @@ def test_real_traces_read_with_their_headers():
     assert sdsc.counts["run time > estimate"] == 4134
     lublin = replay_jobs(read_swf(folder / "lublin_256.swf.gz"))
     assert (lublin.procs, len(lublin.jobs)) == (256, lublin.counts["records"])
+    assert lublin.counts["procs from allocated"] == 10000  # no requested procs at all
     assert all(job.estimate == job.work for job in lublin.jobs)  # no requested time given
 
 

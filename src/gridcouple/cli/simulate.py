@@ -79,6 +79,9 @@ def simulate(
         raise ConfigError(f"--procs must be at least 1, got {procs}")
     if tau <= 0:
         raise ConfigError(f"--tau must be positive, got {tau}")
+    for option, path in (("--out", out), ("--plot", plot)):
+        if path is not None and not path.parent.is_dir():
+            raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist")
     replay = replay_jobs(read_swf(trace), procs, options)
     report = Table(title=f"{trace.name}: replay rules", show_header=False)
     for rule, count in replay.counts.items():

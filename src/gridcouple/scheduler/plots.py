@@ -8,8 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from gridcouple.errors import GridcoupleError
 from gridcouple.scheduler.engine import Simulator
 from gridcouple.scheduler.metrics import busy_processors, queue_length
+
+
+class PlotError(GridcoupleError):
+    """A picture cannot be written."""
 
 
 def assign_processors(start: np.ndarray, end: np.ndarray, procs: np.ndarray,
@@ -86,6 +91,10 @@ def plot_schedule(simulator: Simulator, path: str | Path, title: str = "") -> Pa
     load.set_xlabel("time since the first submission [s]")
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as exc:
+        raise PlotError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(figure)
     return path

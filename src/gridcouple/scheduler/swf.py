@@ -40,6 +40,9 @@ FIELDS = (
     "preceding_job", "think_time",
 )
 COLUMN = {name: index for index, name in enumerate(FIELDS)}
+#: averages over a job's processors, so they may have a fraction; every other field is whole
+FRACTIONAL = ("average_cpu_time", "used_memory")
+WHOLE = np.array([name not in FRACTIONAL for name in FIELDS])
 STATUS_FAILED, STATUS_COMPLETED, STATUS_CANCELLED = 0, 1, 5
 
 _HEADER_RE = re.compile(r";\s*([A-Za-z][A-Za-z0-9_ ]*?)\s*:\s?(.*)")
@@ -113,7 +116,26 @@ def read_swf(path: str | Path) -> SwfTrace:
     except ValueError as exc:
         _raise_first_bad_line(path, data, numbers)
         raise SwfError(f"{path}: cannot be parsed: {exc}") from None
+    _check_values(path, records, data, numbers)
     return SwfTrace(str(path), header, records, np.asarray(numbers))
+
+
+def _check_values(path: Path, records: np.ndarray, data: Sequence[str],
+                  numbers: Sequence[int]) -> None:
+    """Raise SwfError at the first value that is not finite, not whole in a whole-number
+    field, or a negative submit time."""
+    submit = COLUMN["submit_time"]
+    bad = ~np.isfinite(records) | (WHOLE & (records != np.round(records)))
+    bad[:, submit] |= records[:, submit] < 0
+    if not bad.any():
+        return
+    row, column = divmod(int(np.argmax(bad)), len(FIELDS))
+    value = records[row, column]
+    what = ("is not a finite number" if not np.isfinite(value)
+            else "is negative" if column == submit and value < 0
+            else "is not a whole number")
+    raise SwfError(f"{path}:{numbers[row]}: field {FIELDS[column]} {what}: "
+                   f"{data[row].split()[column]!r}")
 
 
 def _raise_first_bad_line(path: Path, data: Sequence[str], numbers: Sequence[int]) -> None:
@@ -132,17 +154,27 @@ def _raise_first_bad_line(path: Path, data: Sequence[str], numbers: Sequence[int
 
 def write_swf(path: str | Path, records: np.ndarray,
               header: Iterable[tuple[str, str]] = ()) -> None:
-    """Write a trace (gzip-compressed when ``path`` ends in .gz)."""
+    """Write a trace (gzip-compressed when ``path`` ends in .gz). Every field but the two
+    averages must be a whole number, as a reader expects; SwfError if not, or if the file
+    cannot be written."""
     path = Path(path)
+    bad = ~np.isfinite(records) | (WHOLE & (records != np.round(records)))
+    if bad.any():
+        row, column = divmod(int(np.argmax(bad)), len(FIELDS))
+        raise SwfError(f"{path}: record {row + 1}, field {FIELDS[column]}: "
+                       f"{records[row, column]} is not a whole number")
     lines = [f"; {key}: {value}" if key else f"; {value}" for key, value in header]
     buffer = io.StringIO()
     integral = np.all(records == np.round(records), axis=0) if len(records) else []
     formats = ["%d" if whole else "%.2f" for whole in integral] or ["%d"] * len(FIELDS)
     if len(records):
         np.savetxt(buffer, records, fmt=formats, delimiter=" ")
-    with _open_text(path, "w") as stream:
-        stream.write("\n".join(lines) + ("\n" if lines else ""))
-        stream.write(buffer.getvalue())
+    try:
+        with _open_text(path, "w") as stream:
+            stream.write("\n".join(lines) + ("\n" if lines else ""))
+            stream.write(buffer.getvalue())
+    except OSError as exc:
+        raise SwfError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -179,6 +211,7 @@ def replay_jobs(trace: SwfTrace, procs: int | None = None,
     requested, allocated = r[:, col["requested_procs"]], r[:, col["allocated_procs"]]
     first, second = (requested, allocated) if options.procs == "requested" else (allocated,
                                                                                  requested)
+    fallback = "allocated" if options.procs == "requested" else "requested"
     width = np.where(first > 0, first, second)
     runtime = r[:, col["run_time"]]
     asked = r[:, col["requested_time"]]
@@ -206,6 +239,7 @@ def replay_jobs(trace: SwfTrace, procs: int | None = None,
     width = np.minimum(width, procs)
     runtime = np.maximum(runtime, 0)
     estimate = np.maximum(estimate, 0)
+    counts[f"procs from {fallback}"] = int(np.count_nonzero((first <= 0) & keep))
     counts["estimate from run time"] = int(np.count_nonzero(use_runtime & keep)) \
         if options.estimate == "requested" else int(np.count_nonzero(keep))
     counts["run time > estimate"] = int(np.count_nonzero((runtime > estimate) & keep))
