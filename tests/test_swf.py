@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -159,10 +160,34 @@ def test_simulate_command_compares_policies(trace_file, tmp_path):
         assert (tmp_path / f"s-{policy}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_simulate_command_rejects_a_bad_choice(trace_file):
+def test_simulate_command_rejects_a_bad_choice(trace_file, tmp_path):
     result = CliRunner().invoke(app, ["simulate", str(trace_file), "--too-wide", "shrink"])
     assert result.exit_code != 0
     assert "--too-wide 'shrink': choose one of drop, clip, error" in str(result.exception)
+    # a bad policy name is refused before the good one before it runs
+    result = CliRunner().invoke(app, ["simulate", str(trace_file), "-p", "fcfs", "-p", "lottery",
+                                      "--out", str(tmp_path / "s.swf")])
+    assert "unknown policy 'lottery'" in str(result.exception)
+    assert (result.output, list(tmp_path.glob("s*.swf"))) == ("", [])
+
+
+# the CLI as `pip install gridcouple` has it: no numpy, no matplotlib (the simulate extra)
+WITHOUT_EXTRAS = ("import sys; sys.modules['numpy'] = sys.modules['matplotlib'] = None; "
+                  "from gridcouple.cli import main; sys.argv[0] = 'gridcouple'; main()")
+
+
+def test_the_cli_works_without_the_simulate_extra(trace_file):
+    def gridcouple(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS, *args], capture_output=True,
+                              text=True, timeout=60)
+
+    for args in (["--help"], ["status", "--help"], ["simulate", "--help"]):
+        result = gridcouple(*args)
+        assert result.returncode == 0, result.stderr
+    result = gridcouple("simulate", str(trace_file))
+    assert result.returncode == 2
+    assert result.stderr == ("gridcouple: error: gridcouple simulate cannot run: import of numpy "
+                             "halted; None in sys.modules (install gridcouple[simulate])\n")
 
 
 @pytest.mark.parametrize("option", ["--out", "--plot"])

@@ -1,4 +1,8 @@
-"""``gridcouple simulate TRACE``: replay an SWF trace under one or more policies and compare."""
+"""``gridcouple simulate TRACE``: replay an SWF trace under one or more policies and compare.
+
+Traces and metrics need numpy, pictures matplotlib (the ``simulate`` extra): they are imported
+when the command runs, so every other command works without them.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,7 @@ from rich.table import Table
 from gridcouple.cli import app
 from gridcouple.errors import ConfigError
 from gridcouple.scheduler.engine import simulate as simulate_jobs
-from gridcouple.scheduler.metrics import DEFAULT_TAU, simulator_metrics
 from gridcouple.scheduler.policies import make_policy
-from gridcouple.scheduler.swf import (
-    ReplayOptions,
-    read_swf,
-    replay_jobs,
-    schedule_records,
-    write_swf,
-)
 
 console = Console()
 
@@ -44,7 +40,8 @@ def simulate(
         "repeat to compare side by side.")] = ["easy"],  # noqa: B006  (typer needs a list)
     procs: Annotated[int | None, typer.Option(
         help="Machine size (default: the trace's MaxProcs).", show_default=False)] = None,
-    tau: Annotated[float, typer.Option(help="Bounded slowdown threshold (seconds).")] = DEFAULT_TAU,
+    tau: Annotated[float | None, typer.Option(
+        help="Bounded slowdown threshold in seconds [default: 10].", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         help="Write the simulated schedule as SWF (NAME-POLICY.swf for several).",
         show_default=False)] = None,
@@ -67,6 +64,22 @@ def simulate(
         help="Jobs wider than the machine: 'drop', 'clip' or 'error'.")] = "drop",
 ) -> None:
     """Replay a workload trace in simulated time and print its metrics per policy."""
+    try:
+        from gridcouple.scheduler.metrics import DEFAULT_TAU, simulator_metrics
+        from gridcouple.scheduler.swf import (
+            ReplayOptions,
+            read_swf,
+            replay_jobs,
+            schedule_records,
+            write_swf,
+        )
+
+        if plot:
+            from gridcouple.scheduler.plots import plot_schedule
+    except ImportError as exc:
+        raise ConfigError(f"gridcouple simulate cannot run: {exc} (install "
+                          "gridcouple[simulate])") from None
+    tau = DEFAULT_TAU if tau is None else tau
     options = ReplayOptions(
         procs=_choice("--procs-from", procs_from, ("requested", "allocated")),
         estimate=_choice("--estimate", estimate, ("requested", "runtime")),
@@ -82,6 +95,7 @@ def simulate(
     for option, path in (("--out", out), ("--plot", plot)):
         if path is not None and not path.parent.is_dir():
             raise ConfigError(f"{option} {path}: the folder {path.parent} does not exist")
+    policies = [(name, make_policy(name)) for name in policy]  # a bad name before any run
     replay = replay_jobs(read_swf(trace), procs, options)
     report = Table(title=f"{trace.name}: replay rules", show_header=False)
     for rule, count in replay.counts.items():
@@ -92,9 +106,9 @@ def simulate(
     table.add_column("metric")
     columns: list[list[str]] = []
     several = len(policy) > 1
-    for name in policy:
+    for name, chosen in policies:
         began = time.perf_counter()
-        simulator = simulate_jobs(replay.jobs, make_policy(name), replay.procs,
+        simulator = simulate_jobs(replay.jobs, chosen, replay.procs,
                                   kill_at_limit=kill_at_estimate)
         seconds = time.perf_counter() - began
         metrics = simulator_metrics(simulator, tau)
@@ -110,8 +124,6 @@ def simulate(
             write_swf(per_policy(out, name, several), schedule_records(replay, simulator),
                       header)
         if plot:
-            from gridcouple.scheduler.plots import plot_schedule
-
             plot_schedule(simulator, per_policy(plot, name, several), f"{trace.name}: {name}")
     for index, label in enumerate(labels):
         table.add_row(label, *(column[index] for column in columns))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import heapq
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
 from gridcouple.errors import GridcoupleError
@@ -49,8 +50,6 @@ def _runs(numbers: list[int]) -> list[tuple[int, int]]:
 
 def plot_schedule(simulator: Simulator, path: str | Path, title: str = "") -> Path:
     """Draw the simulator's schedule to ``path`` (PNG); returns the path."""
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection
