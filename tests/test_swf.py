@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,15 +149,56 @@ def test_schedule_written_as_swf_reads_back(trace_file, tmp_path):
     assert back.records[:, COLUMN["status"]].tolist() == [1, 1, 0]
 
 
-def test_simulate_command_compares_policies(trace_file, tmp_path):
+# A wide job blocks the queue head on 4 processors; EASY backfills the short jobs around it.
+#   (submit, procs, run = requested time): (0, 2, 10) (1, 4, 5) (2, 2, 3) (3, 1, 20) (4, 1, 2)
+BLOCKED_HEAD = "; MaxProcs: 4\n" + "".join(
+    f"{n} {submit} -1 {run} {procs} -1 -1 {procs} {run} -1 1 1 1 -1 1 -1 -1 -1\n"
+    for n, (submit, procs, run) in enumerate([(0, 2, 10), (1, 4, 5), (2, 2, 3), (3, 1, 20),
+                                              (4, 1, 2)], start=1))
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """The rows of the tables rich printed: first cell -> the other cells."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]
+        if cells:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_simulate_command_compares_policies(tmp_path):
+    trace = tmp_path / "blocked.swf"
+    trace.write_text(BLOCKED_HEAD)
     result = CliRunner().invoke(app, [
-        "simulate", str(trace_file), "--policy", "fcfs", "--policy", "easy", "--procs", "4",
+        "simulate", str(trace), "--policy", "fcfs", "--policy", "easy", "--tau", "5",
         "--out", str(tmp_path / "s.swf"), "--plot", str(tmp_path / "s.png")])
     assert result.exit_code == 0, result.output
-    assert "fcfs" in result.output and "easy" in result.output
-    assert "mean bounded slowdown" in result.output
-    for policy in ("fcfs", "easy"):
-        assert read_swf(tmp_path / f"s-{policy}.swf").records.shape[0] == 3
+    # FCFS starts 0, 10, 15, 15, 15: waits 0 9 13 12 11; EASY 0, 10, 2, 15, 5: waits 0 9 0 12 1.
+    # Bounded slowdown max(1, (wait + run) / max(run, 5)): FCFS 1, 2.8, 3.2, 1.6, 2.6;
+    # EASY 1, 2.8, 1, 1.6, 1. Both do 68 processor-seconds in 35 s on 4 processors. Queue
+    # (jobs waiting) FCFS: 1, 2, 3 over a second each, 4 over [4, 10), 3 over [10, 15): 45 job-s;
+    # EASY: 1 over [1, 3), 2, 3 over a second, 2 over [5, 10), 1 over [10, 15): 22 job-s.
+    rows = table_rows(result.output)
+    assert rows["jobs replayed"] == ["5"]
+    assert {label: rows[label] for label in [
+        "metric", "jobs", "mean wait (s)", "median wait (s)", "p95 wait (s)",
+        "mean bounded slowdown (tau=5 s)", "utilization", "makespan (s)", "mean queue length",
+        "max queue length"]} == {
+        "metric": ["fcfs", "easy"],
+        "jobs": ["5", "5"],
+        "mean wait (s)": ["9", "4"],  # 45 / 5, 22 / 5
+        "median wait (s)": ["11", "1"],
+        "p95 wait (s)": ["13", "11"],  # 12 + 0.8 x 1, 9 + 0.8 x 3 (linear between ranks)
+        "mean bounded slowdown (tau=5 s)": ["2.24", "1.48"],  # 11.2 / 5, 7.4 / 5
+        "utilization": ["48.6%", "48.6%"],  # 68 / (4 x 35)
+        "makespan (s)": ["35", "35"],
+        "mean queue length": ["1.3", "0.6"],  # 45 / 35, 22 / 35
+        "max queue length": ["4", "3"],
+    }
+    for policy, waits in (("fcfs", [0, 9, 13, 12, 11]), ("easy", [0, 9, 0, 12, 1])):
+        assert read_swf(tmp_path / f"s-{policy}.swf").records[:, COLUMN["wait_time"]].tolist() \
+            == waits
         assert (tmp_path / f"s-{policy}.png").read_bytes()[:4] == b"\x89PNG"
 
 
