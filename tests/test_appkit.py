@@ -150,10 +150,43 @@ def test_an_application_may_take_field_refs_to_read_part_of_them(tmp_path):
         def set_field(self, field):
             self.received = float(field.open()[0].sum())  # only the first row's chunk
 
-    ref = FieldStore(tmp_path).put(Field(MESH, np.arange(12.0).reshape(4, 3), "t"))
+    ref = FieldStore(tmp_path).put(Field(MESH, np.arange(12.0).reshape(4, 3), "t", time=0.0))
     reader = EdgeReader()
     reader.setField(ref)
     assert reader.received == 3.0
+
+
+def test_a_field_without_a_time_is_stored_at_the_time_asked_for(tmp_path):
+    class Timeless(Counter):
+        def get_field(self, field_id, time):
+            return Field(MESH, np.full(MESH.shape, self.value), field_id)
+
+    app = Timeless()
+    app.field_store = FieldStore(tmp_path)
+    ref = app.get_field("t", 0.5, mode="ref")
+    assert ref.time == 0.5 and app.field_store.ref("t", time=0.5) == ref
+    assert app.get_field("t", 0.5, mode="ref") == ref  # asked again: the same version
+    assert app.get_field("t", 0.5).time is None  # a copy is the author's field as it is
+
+
+def test_a_receiver_may_read_each_step_into_the_same_buffer(tmp_path):
+    class Reusing(Counter):
+        reuse_field_buffers = True
+
+        def set_field(self, field):
+            self.kept = field.values
+
+    store = FieldStore(tmp_path)
+    receiver = Reusing()
+    receiver.set_field(store.put(Field(MESH, np.full(MESH.shape, 1.0), "t", time=0.1)))
+    buffer = receiver.kept
+    receiver.set_field(store.put(Field(MESH, np.full(MESH.shape, 2.0), "t", time=0.2)))
+    assert receiver.kept is buffer and np.all(buffer == 2.0)
+    receiver.set_field(store.put(Field(MESH, np.ones((4, 3), np.float32), "t", time=0.3)))
+    assert receiver.kept is not buffer and receiver.kept.dtype == np.float32  # another dtype
+    plain = Counter()  # without reuse_field_buffers: a new array each time
+    plain.set_field(store.ref("t", time=0.1))
+    assert plain.received == 1.0
 
 
 def test_background_step_runs_while_the_caller_goes_on_and_wait_reraises():
@@ -172,7 +205,7 @@ def test_background_step_runs_while_the_caller_goes_on_and_wait_reraises():
 
 def test_wire_carries_appkit_objects_and_arrays_but_nothing_else(tmp_path):
     mesh = UnstructuredMesh([[0, 0], [1, 0], [0, 1]], {"triangle": [[0, 1, 2]]})
-    ref = FieldStore(tmp_path).put(Field(MESH, np.ones(MESH.shape), "t"))
+    ref = FieldStore(tmp_path).put(Field(MESH, np.ones(MESH.shape), "t", time=1.0))
     value = {"field": Field(mesh, np.arange(3.0), "c", units="mol"), "ref": ref,
              "step": TimeStep(1.0, 0.1, 10),
              "prop": Property([1, 2], property_id="p", value_type="vector", units="m"),

@@ -10,9 +10,11 @@ An application author subclasses :class:`Application` and overrides what the cod
 
 Callers may pass ``mode="copy"`` or ``mode="ref"`` to ``get_field`` whatever the author wrote:
 with ``"ref"`` the base class writes the field once into the application's FieldStore and
-returns a small :class:`~gridcouple.appkit.store.FieldRef`. ``set_field`` receives a Field; a
-FieldRef passed to it is read from its store first, unless the class sets
-``accepts_field_refs = True`` to read only the chunks it needs itself.
+returns a small :class:`~gridcouple.appkit.store.FieldRef` (a field without a time is stored
+at the time asked for). ``set_field`` receives a Field; a FieldRef passed to it is read from
+its store first (into the buffer of the previous call when the class sets
+``reuse_field_buffers = True``), unless the class sets ``accepts_field_refs = True`` to read
+only the chunks it needs itself.
 
 MuPIF's camelCase names (``solveStep``, ``getField``, ``getCriticalTimeStep``, ...) work as
 aliases both ways: a class ported from MuPIF that defines ``getField`` answers ``get_field``.
@@ -26,6 +28,8 @@ import os
 import tempfile
 import threading
 from typing import Any, ClassVar, Literal
+
+import numpy as np
 
 from gridcouple.appkit.data import Field, Property, TimeStep
 from gridcouple.appkit.store import FieldRef, FieldStore
@@ -53,10 +57,15 @@ class Application:
     """One simulation code behind MuPIF's interface. Override what your code offers."""
 
     accepts_field_refs: ClassVar[bool] = False
+    # True: a FieldRef given to set_field is read into the array the previous one of that
+    # field id was read into (same shape and dtype), not into a new one each step. What
+    # set_field kept of the previous values is overwritten then: copy what must outlive a step.
+    reuse_field_buffers: ClassVar[bool] = False
     # Class-level defaults, so a subclass need not call Application.__init__.
     _background: threading.Thread | None = None
     _background_error: BaseException | None = None
     _field_store: FieldStore | None = None
+    _field_buffers: dict[str, np.ndarray] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -204,13 +213,29 @@ class Application:
     def field_store(self, store: FieldStore) -> None:
         self._field_store = store
 
-    def export_field(self, field: Field, mode: Literal["copy", "ref"]) -> Field | FieldRef:
-        """``field`` itself for ``"copy"``; for ``"ref"`` a new version in the field store."""
+    def export_field(self, field: Field, mode: Literal["copy", "ref"],
+                     time: float | None = None) -> Field | FieldRef:
+        """``field`` itself for ``"copy"``; for ``"ref"`` its version in the field store at
+        ``field.time`` (at ``time`` when the field has none)."""
         if mode == "copy":
             return field
         if mode == "ref":
+            if field.time is None and time is not None:
+                field = field.with_values(field.values, time)
             return self.field_store.put(field)
         raise ValueError(f"get_field mode must be 'copy' or 'ref', got {mode!r}")
+
+    def _read_ref(self, ref: FieldRef) -> Field:
+        """``ref`` read into a Field, into the previous buffer of its field id when the class
+        sets ``reuse_field_buffers`` (and shape and dtype still fit)."""
+        if not self.reuse_field_buffers:
+            return ref.to_field()
+        if self._field_buffers is None:
+            self._field_buffers = {}
+        buffer = self._field_buffers.get(ref.field_id)
+        if buffer is None or buffer.shape != ref.shape or buffer.dtype != np.dtype(ref.dtype):
+            buffer = self._field_buffers[ref.field_id] = np.empty(ref.shape, ref.dtype)
+        return ref.to_field(out=buffer)
 
 
 def _with_field_mode(method: Any) -> Any:
@@ -221,7 +246,7 @@ def _with_field_mode(method: Any) -> Any:
     @functools.wraps(method)
     def get_field(self: Application, field_id: str, time: float, *args: Any,
                   mode: Literal["copy", "ref"] = "copy", **kwargs: Any) -> Field | FieldRef:
-        return self.export_field(method(self, field_id, time, *args, **kwargs), mode)
+        return self.export_field(method(self, field_id, time, *args, **kwargs), mode, time)
 
     return get_field
 
@@ -232,7 +257,7 @@ def _reading_refs(method: Any) -> Any:
     @functools.wraps(method)
     def set_field(self: Application, field: Field | FieldRef, *args: Any, **kwargs: Any) -> Any:
         if isinstance(field, FieldRef):
-            field = field.to_field()
+            field = self._read_ref(field)
         return method(self, field, *args, **kwargs)
 
     return set_field

@@ -7,28 +7,39 @@ version with its coordinates)::
     ROOT/temperature/v000003/            group; attributes["gridcouple"] describes the field
     ROOT/temperature/v000003/temperature array (uncompressed, chunked along the first axis)
     ROOT/temperature/v000003/x, y        vertex (or cell centre) coordinates of a structured mesh
+    ROOT/temperature/times/0.1/          the commit of the version at time 0.1: {"version": 3}
     ROOT/meshes/<digest>/vertices, cells-*  an unstructured mesh, written once and shared
 
-On a local or shared file system a version is written under ``ROOT/.staging/`` and renamed into
-place in one step, so a reader never sees half a version and a producer killed mid-write leaves
-the previous versions as they were. On other fsspec stores (``s3://``, ``memory://``) the version
-is written in place and marked committed last; uncommitted versions are never listed or handed
-out.
+A version is addressed by its field and time: there is at most one per (field id, time), and
+it never changes. It is written completely first, then committed by creating its time marker
+create-only (a hard link on a file system, ``pipe_file(mode="create")`` on fsspec); a version
+without its marker is never listed or handed out. Putting the same values for a time again
+returns the committed version; other values for it raise :class:`VersionConflictError`.
+
+Version numbers are taken exclusively too: on a file system a version is written under
+``ROOT/.staging/`` and renamed to the next free ``vNNNNNN`` (a rename never replaces a written
+version); on other fsspec stores the version's group metadata is created create-only before its
+values are written in place. So a reader never sees half a version, two writers never share a
+number, and a producer killed mid-write leaves the earlier versions as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
+import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import numpy as np
@@ -40,6 +51,14 @@ IO_THREADS = 4
 _VERSION_PREFIX = "v"
 _STAGING = ".staging"
 _MESHES = "meshes"
+_TIMES = "times"
+# fsspec's create-only write checks and writes in two steps on some file systems (memory://):
+# within one process, this lock makes it one.
+_CREATE_LOCK = threading.Lock()
+
+
+class VersionConflictError(ValueError):
+    """A field already has a committed version for that time, with other values."""
 
 
 def _is_local(url: str) -> bool:
@@ -52,6 +71,15 @@ def _local_path(url: str) -> Path:
 
 def _version_name(version: int) -> str:
     return f"{_VERSION_PREFIX}{version:06d}"
+
+
+def _time_key(time: Any, field_id: str) -> str:
+    """The name of a time's marker: the shortest repr of the float (-0.0 is 0.0)."""
+    if isinstance(time, bool) or not isinstance(time, int | float | np.integer | np.floating) \
+            or not math.isfinite(time):
+        raise ValueError(f"field {field_id!r}: a stored version is addressed by its time, which "
+                         f"must be a finite number, got {time!r}")
+    return repr(float(time) + 0.0)
 
 
 @dataclass(frozen=True)
@@ -97,13 +125,28 @@ class FieldRef:
 
         return da.from_zarr(self.open())
 
-    def read(self) -> np.ndarray:
-        """All values as a numpy array, read chunk by chunk straight from the store."""
+    def read(self, out: np.ndarray | None = None) -> np.ndarray:
+        """All values, read chunk by chunk straight from the store: into ``out`` when given (a
+        writable C-contiguous array of this shape and dtype, e.g. last step's), else into a new
+        array. Returns the array read into."""
+        if out is not None and (out.shape != self.shape or out.dtype != np.dtype(self.dtype)
+                                or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(
+                f"read(out=...) of field {self.field_id!r} version {self.version} needs a "
+                f"writable C-contiguous array of shape {self.shape} and dtype "
+                f"{np.dtype(self.dtype)}, got shape {out.shape} and dtype {out.dtype}"
+                f"{'' if out.flags.c_contiguous else ', not C-contiguous'}"
+                f"{'' if out.flags.writeable else ', read-only'}")
         if _is_local(self.store_url):
-            fast = _read_local_chunks(_local_path(self.store_url) / self.array_path)
+            fast = _read_local_chunks(_local_path(self.store_url) / self.array_path, out)
             if fast is not None:
                 return fast
-        return self.open()[...]
+        array = self.open()
+        if out is None:
+            return array[...]
+        for slab in _slabs(self.shape, self.chunks):
+            out[slab] = array[slab]
+        return out
 
     def load_mesh(self) -> Mesh:
         """The field's mesh (an unstructured one is read from the store)."""
@@ -111,11 +154,11 @@ class FieldRef:
             return _read_mesh(self.store_url, self.mesh["path"])
         return Mesh.from_wire(self.mesh)
 
-    def to_field(self) -> Field:
-        """A numpy-backed Field with all values read."""
-        return Field(self.load_mesh(), self.read(), self.field_id, self.value_type,  # type: ignore[arg-type]
-                     self.units, self.time, self.location,  # type: ignore[arg-type]
-                     dict(self.metadata))
+    def to_field(self, out: np.ndarray | None = None) -> Field:
+        """A numpy-backed Field with all values read (into ``out``, as :meth:`read`)."""
+        return Field(self.load_mesh(), self.read(out), self.field_id,
+                     self.value_type, self.units, self.time,  # type: ignore[arg-type]
+                     self.location, dict(self.metadata))  # type: ignore[arg-type]
 
     def to_wire(self) -> dict[str, Any]:
         return {"store_url": self.store_url, "field_id": self.field_id,
@@ -141,9 +184,7 @@ class FieldStore:
         self.url = str(_local_path(text)) if self.local else text
         self.chunk_bytes = chunk_bytes
         if self.local:
-            root = _local_path(self.url)
-            (root / _STAGING).mkdir(parents=True, exist_ok=True)
-            _write_group_metadata(root / _STAGING)  # so zarr sees a group, not a stray folder
+            _ensure_groups(self.url, _STAGING)  # a group, so zarr sees no stray folder
 
     def __repr__(self) -> str:
         return f"FieldStore({self.url!r})"
@@ -151,32 +192,45 @@ class FieldStore:
     # --- writing ---------------------------------------------------------------------
 
     def put(self, field: Field) -> FieldRef:
-        """Write ``field`` as the next version of its field id; returns its reference."""
+        """Store ``field`` as the version of its field id at ``field.time``; returns its
+        reference. The same values again for that time return the version already there;
+        other values raise :class:`VersionConflictError`."""
+        field_id = field.field_id
+        time_key = _time_key(field.time, field_id)
         values = np.ascontiguousarray(field.values)
         if values.dtype.hasobject:
-            raise ValueError(f"Field {field.field_id!r}: object arrays cannot be stored")
+            raise ValueError(f"Field {field_id!r}: object arrays cannot be stored")
+        committed = self._marker(field_id, time_key)
+        if committed is not None:
+            return self._same_or_conflict(field, values, committed)
         mesh = self._store_mesh(field.mesh)
         chunks = _chunks_for(values.shape, values.dtype.itemsize, self.chunk_bytes)
-        attributes = {**field.describe(), "mesh": mesh, "committed": True}
+        attributes = {**field.describe(), "mesh": mesh}
+        _ensure_groups(self.url, f"{field_id}/{_TIMES}")
         if self.local:
             staging = _local_path(self.url) / _STAGING / uuid.uuid4().hex
             _write_version(str(staging), field, values, chunks, attributes)
-            version = self._publish(staging, field.field_id)
+            version = self._publish(staging, field_id)
         else:
-            version = (self.versions(field.field_id) or [0])[-1] + 1
-            path = f"{self.url.rstrip('/')}/{field.field_id}/{_version_name(version)}"
-            _write_version(path, field, values, chunks, {**attributes, "committed": False})
-            _set_attributes(path, attributes)
-        return FieldRef(self.url, field.field_id, version, values.shape, values.dtype.str,
-                        chunks, mesh, field.value_type, field.units, field.time,
-                        field.location, dict(field.metadata))
+            version = self._claim(field_id, attributes)
+            _write_version(self._path(f"{field_id}/{_version_name(version)}"), field, values,
+                           chunks)
+        marker = {"version": version, "time": field.time}
+        if not _create_exclusive(self.url, f"{field_id}/{_TIMES}/{time_key}/zarr.json",
+                                 _group_json(marker)):
+            # Another writer committed this time first; ours was never visible.
+            _remove(self.url, f"{field_id}/{_version_name(version)}")
+            winner = self._marker(field_id, time_key)
+            assert winner is not None, f"{self}: the marker of {field_id!r} at {time_key} vanished"
+            return self._same_or_conflict(field, values, winner)
+        return FieldRef(self.url, field_id, version, values.shape, values.dtype.str, chunks,
+                        mesh, field.value_type, field.units, field.time, field.location,
+                        dict(field.metadata))
 
     def _publish(self, staging: Path, field_id: str) -> int:
         """Rename a fully written staging group to the next free version name."""
         directory = _local_path(self.url) / field_id
-        directory.mkdir(exist_ok=True)
-        _write_group_metadata(directory)
-        version = (self.versions(field_id) or [0])[-1] + 1
+        version = self._next_version(field_id)
         while True:
             try:
                 os.rename(staging, directory / _version_name(version))
@@ -186,41 +240,84 @@ class FieldStore:
                     raise
                 version += 1
 
+    def _claim(self, field_id: str, attributes: dict[str, Any]) -> int:
+        """Take the next free version number by creating its group metadata create-only."""
+        version = self._next_version(field_id)
+        while not _create_exclusive(self.url, f"{field_id}/{_version_name(version)}/zarr.json",
+                                    _group_json(attributes)):
+            version += 1
+        return version
+
+    def _next_version(self, field_id: str) -> int:
+        """One more than any version name present, committed or not."""
+        taken = [int(name[1:]) for name in _list_dir(self.url, field_id)
+                 if name.startswith(_VERSION_PREFIX) and name[1:].isdigit()]
+        return max(taken, default=0) + 1
+
+    def _same_or_conflict(self, field: Field, values: np.ndarray,
+                          marker: Mapping[str, Any]) -> FieldRef:
+        """The committed version ``marker`` names if it holds ``field``; else the conflict."""
+        ref = self.ref(field.field_id, marker["version"])
+        mesh = (field.mesh.to_wire() if isinstance(field.mesh, StructuredMesh)
+                else {"kind": "stored", "path": _mesh_path(field.mesh)})
+        ours = _jsonable({**field.describe(), "mesh": mesh, "shape": values.shape,
+                          "dtype": values.dtype.str})
+        theirs = _jsonable({"field_id": ref.field_id, "value_type": ref.value_type,
+                            "units": ref.units, "time": ref.time, "location": ref.location,
+                            "metadata": ref.metadata, "mesh": ref.mesh, "shape": ref.shape,
+                            "dtype": ref.dtype})
+        differs = [key for key in ours if ours[key] != theirs[key]]
+        if not differs:
+            stored = ref.open()
+            nan = values.dtype.kind in "fc"
+            if not all(np.array_equal(stored[slab], values[slab], equal_nan=nan)
+                       for slab in _slabs(ref.shape, ref.chunks)):
+                differs = ["values"]
+        if differs:
+            raise VersionConflictError(
+                f"{self}: field {field.field_id!r} already has version {ref.version} at time "
+                f"{field.time!r}, with other {', '.join(differs)}; a version never changes: "
+                "store the new values at another time")
+        return ref
+
     def _store_mesh(self, mesh: Mesh) -> dict[str, Any]:
         if isinstance(mesh, StructuredMesh):
             return mesh.to_wire()
         assert isinstance(mesh, UnstructuredMesh)
-        digest = hashlib.sha1(mesh.vertices.tobytes())
-        for name, cells in sorted(mesh.cells.items()):
-            digest.update(name.encode())
-            digest.update(cells.tobytes())
-        path = f"{_MESHES}/{digest.hexdigest()}"
+        path = _mesh_path(mesh)
         if self.local:
             final = _local_path(self.url) / path
             if not final.exists():
                 staging = _local_path(self.url) / _STAGING / uuid.uuid4().hex
                 _write_mesh(str(staging), mesh)
-                final.parent.mkdir(parents=True, exist_ok=True)
+                _ensure_groups(self.url, _MESHES)
                 try:
                     os.rename(staging, final)
                 except OSError:  # written meanwhile by someone else: the same content
                     shutil.rmtree(staging, ignore_errors=True)
-        else:
-            _write_mesh(f"{self.url.rstrip('/')}/{path}", mesh)
+        elif not self._attributes_at(f"{path}/zarr.json").get("complete"):
+            # Concurrent writers of one mesh write the same bytes and never delete; the mesh
+            # counts once one of them has written it all.
+            _ensure_groups(self.url, path)
+            _write_mesh(self._path(path), mesh, exists=True)
+            _set_attributes(self._path(path), {"complete": True})
         return {"kind": "stored", "path": path}
 
     # --- reading ---------------------------------------------------------------------
 
+    def times(self, field_id: str) -> dict[float, int]:
+        """The committed versions of ``field_id`` by time: {time: version}, earliest first."""
+        _check_field_id(field_id)
+        found = {}
+        for key in _list_dir(self.url, f"{field_id}/{_TIMES}"):
+            marker = self._marker(field_id, key) if key != "zarr.json" else None
+            if marker is not None:
+                found[marker["time"]] = marker["version"]
+        return dict(sorted(found.items()))
+
     def versions(self, field_id: str) -> list[int]:
         """The committed versions of ``field_id``, oldest first."""
-        _check_field_id(field_id)
-        found = []
-        for name in _list_dir(self.url, field_id):
-            if name.startswith(_VERSION_PREFIX) and name[1:].isdigit():
-                found.append(int(name[1:]))
-        if not self.local:  # in-place writes: only the committed ones count
-            found = [v for v in found if self._attributes(field_id, v).get("committed")]
-        return sorted(found)
+        return sorted(self.times(field_id).values())
 
     def field_ids(self) -> list[str]:
         """The field ids with at least one version."""
@@ -228,15 +325,27 @@ class FieldStore:
                       if FIELD_ID_PATTERN.fullmatch(name) and name != _MESHES
                       and self.versions(name))
 
-    def ref(self, field_id: str, version: int | None = None) -> FieldRef:
-        """The reference to one version (the latest when ``version`` is None)."""
-        if version is None:
+    def ref(self, field_id: str, version: int | None = None, *,
+            time: float | None = None) -> FieldRef:
+        """The reference to one committed version: the one at ``time``, or number
+        ``version``, or the last one written when neither is given."""
+        _check_field_id(field_id)
+        if time is not None:
+            if version is not None:
+                raise ValueError("ref: give a version or a time, not both")
+            marker = self._marker(field_id, _time_key(time, field_id))
+            if marker is None:
+                raise KeyError(f"{self}: field {field_id!r} has no version at time {time!r}")
+            version = marker["version"]
+        elif version is None:
             versions = self.versions(field_id)
             if not versions:
                 raise KeyError(f"{self}: no version of field {field_id!r}")
             version = versions[-1]
-        attributes = self._attributes(field_id, version)
-        if not attributes.get("committed"):
+        attributes = self._attributes_at(f"{field_id}/{_version_name(version)}/zarr.json")
+        marker = (self._marker(field_id, _time_key(attributes["time"], field_id))
+                  if "time" in attributes else None)
+        if marker is None or marker["version"] != version:
             raise KeyError(f"{self}: field {field_id!r} has no committed version {version}")
         array = _read_json(self.url, f"{field_id}/{_version_name(version)}/{field_id}/zarr.json")
         return FieldRef(
@@ -246,30 +355,41 @@ class FieldStore:
             attributes["value_type"], attributes["units"], attributes["time"],
             attributes["location"], attributes.get("metadata", {}))
 
-    def get(self, field_id: str, version: int | None = None) -> Field:
-        """One version (the latest by default) as a numpy-backed Field."""
-        return self.ref(field_id, version).to_field()
+    def get(self, field_id: str, version: int | None = None, *,
+            time: float | None = None) -> Field:
+        """One version (as :meth:`ref` chooses it) as a numpy-backed Field."""
+        return self.ref(field_id, version, time=time).to_field()
 
     def prune(self, field_id: str, keep: int) -> None:
-        """Delete all but the newest ``keep`` versions of ``field_id`` (local stores)."""
-        if not self.local:
-            raise NotImplementedError("prune works on local stores only")
-        for version in self.versions(field_id)[:-keep or None]:
-            shutil.rmtree(_local_path(self.url) / field_id / _version_name(version))
+        """Delete all but the newest ``keep`` versions of ``field_id`` (each one's commit
+        marker first, so no reader is handed a version being deleted)."""
+        by_version = {version: time for time, version in self.times(field_id).items()}
+        for version in sorted(by_version)[:-keep or None]:
+            _remove(self.url, f"{field_id}/{_TIMES}/{_time_key(by_version[version], field_id)}")
+            _remove(self.url, f"{field_id}/{_version_name(version)}")
 
-    def open_dataset(self, field_id: str, version: int | None = None) -> Any:
+    def open_dataset(self, field_id: str, version: int | None = None, *,
+                     time: float | None = None) -> Any:
         """One version as an xarray Dataset (needs the optional ``xarray`` package)."""
         import xarray
 
-        ref = self.ref(field_id, version)
+        ref = self.ref(field_id, version, time=time)
         return xarray.open_zarr(_zarr_store(self.url), group=ref.group_path, consolidated=False)
 
-    def _attributes(self, field_id: str, version: int) -> dict[str, Any]:
+    def _marker(self, field_id: str, time_key: str) -> dict[str, Any] | None:
+        """The commit of ``field_id`` at a time: {"version", "time"}, or None."""
+        marker = self._attributes_at(f"{field_id}/{_TIMES}/{time_key}/zarr.json")
+        return marker if "version" in marker else None
+
+    def _attributes_at(self, path: str) -> dict[str, Any]:
         try:
-            meta = _read_json(self.url, f"{field_id}/{_version_name(version)}/zarr.json")
-        except FileNotFoundError:
+            meta = _read_json(self.url, path)
+        except (FileNotFoundError, NotADirectoryError):
             return {}
         return meta.get("attributes", {}).get("gridcouple", {})
+
+    def _path(self, path: str) -> str:
+        return f"{self.url.rstrip('/')}/{path}"
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -286,6 +406,24 @@ def _chunks_for(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tupl
     row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
     rows = max(1, min(shape[0], chunk_bytes // max(row_bytes, 1)))
     return (rows, *shape[1:])
+
+
+def _slabs(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[slice | EllipsisType]:
+    """The chunks of an array chunked along its first axis, as index expressions."""
+    if not shape:
+        yield ...
+        return
+    for start in range(0, shape[0], chunks[0]):
+        yield slice(start, start + chunks[0])
+
+
+def _mesh_path(mesh: UnstructuredMesh) -> str:
+    """Where an unstructured mesh is stored: named by the digest of its content."""
+    digest = hashlib.sha1(mesh.vertices.tobytes())
+    for name, cells in sorted(mesh.cells.items()):
+        digest.update(name.encode())
+        digest.update(cells.tobytes())
+    return f"{_MESHES}/{digest.hexdigest()}"
 
 
 def _zarr_store(url: str) -> Any:
@@ -306,11 +444,16 @@ def _dimension_names(field: Field, ndim: int) -> tuple[str, ...]:
 
 
 def _write_version(path: str, field: Field, values: np.ndarray, chunks: tuple[int, ...],
-                   attributes: dict[str, Any]) -> None:
+                   attributes: dict[str, Any] | None = None) -> None:
+    """Write a version's arrays: into a fresh group with ``attributes`` at ``path``, or (no
+    attributes) into the group already created there."""
     import zarr
 
-    group = zarr.open_group(_zarr_store(path), mode="w",
-                            attributes={"gridcouple": _jsonable(attributes)})
+    if attributes is None:
+        group = zarr.open_group(_zarr_store(path), mode="r+")
+    else:
+        group = zarr.open_group(_zarr_store(path), mode="w",
+                                attributes={"gridcouple": _jsonable(attributes)})
     array = group.create_array(
         field.field_id, shape=values.shape, dtype=values.dtype, chunks=chunks or None,
         compressors=None, filters=None, fill_value=0, dimension_names=_dimension_names(
@@ -333,13 +476,15 @@ def _set_attributes(path: str, attributes: dict[str, Any]) -> None:
     group.attrs.update({"gridcouple": _jsonable(attributes)})
 
 
-def _write_mesh(path: str, mesh: UnstructuredMesh) -> None:
+def _write_mesh(path: str, mesh: UnstructuredMesh, *, exists: bool = False) -> None:
+    """Write a mesh's arrays into a fresh group, or (``exists``) into the group at ``path``
+    without deleting what may be there."""
     import zarr
 
-    group = zarr.open_group(_zarr_store(path), mode="w")
-    group.create_array("vertices", data=mesh.vertices)
-    for name, cells in mesh.cells.items():
-        group.create_array(f"cells-{name}", data=cells)
+    group = zarr.open_group(_zarr_store(path), mode="r+" if exists else "w")
+    arrays = {"vertices": mesh.vertices, **{f"cells-{k}": v for k, v in mesh.cells.items()}}
+    for name, data in arrays.items():
+        group.require_array(name, shape=data.shape, dtype=data.dtype)[...] = data
 
 
 def _read_mesh(url: str, path: str) -> UnstructuredMesh:
@@ -351,13 +496,69 @@ def _read_mesh(url: str, path: str) -> UnstructuredMesh:
     return UnstructuredMesh(group["vertices"][...], cells)
 
 
-def _write_group_metadata(directory: Path) -> None:
-    """Make an intermediate directory a zarr group, so the hierarchy opens from the root."""
-    for level in (directory.parent, directory):
-        meta = level / "zarr.json"
-        if not meta.exists():
-            meta.write_text(json.dumps({"zarr_format": 3, "node_type": "group",
-                                        "attributes": {}}))
+def _group_json(attributes: Mapping[str, Any]) -> bytes:
+    """A zarr v3 group's metadata document with our attributes."""
+    return json.dumps({"zarr_format": 3, "node_type": "group",
+                       "attributes": {"gridcouple": _jsonable(attributes)}}).encode()
+
+
+def _ensure_groups(url: str, path: str) -> None:
+    """Make the root and every level down to ``path`` a zarr group (those missing), so the
+    hierarchy opens from the root."""
+    parts = path.split("/")
+    for depth in range(len(parts) + 1):
+        key = "/".join([*parts[:depth], "zarr.json"])
+        if not _exists(url, key):
+            _create_exclusive(url, key, json.dumps(
+                {"zarr_format": 3, "node_type": "group", "attributes": {}}).encode())
+
+
+def _exists(url: str, path: str) -> bool:
+    if _is_local(url):
+        return (_local_path(url) / path).exists()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return bool(fs.exists(f"{root.rstrip('/')}/{path}"))
+
+
+def _create_exclusive(url: str, path: str, data: bytes) -> bool:
+    """Create the file ``path`` below ``url`` holding ``data``, unless it exists: True if this
+    call created it. Readers see the whole file or none."""
+    if _is_local(url):
+        target = _local_path(url) / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = _local_path(url) / _STAGING / f"{uuid.uuid4().hex}.json"
+        temporary.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_bytes(data)
+        try:
+            os.link(temporary, target)  # unlike rename, link never replaces a file
+        except FileExistsError:
+            return False
+        finally:
+            temporary.unlink()
+        return True
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    with _CREATE_LOCK:
+        try:
+            fs.pipe_file(f"{root.rstrip('/')}/{path}", data, mode="create")
+        except FileExistsError:
+            return False
+    return True
+
+
+def _remove(url: str, path: str) -> None:
+    """Delete the directory ``path`` below ``url`` and all below it, if it is there."""
+    if _is_local(url):
+        shutil.rmtree(_local_path(url) / path, ignore_errors=True)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(f"{root.rstrip('/')}/{path}", recursive=True)
 
 
 def _list_dir(url: str, path: str) -> list[str]:
@@ -423,12 +624,13 @@ def _plain_layout(array_dir: Path) -> tuple[dict[str, Any], list[tuple[str, int,
     return meta, pieces
 
 
-def _read_local_chunks(array_dir: Path) -> np.ndarray | None:
+def _read_local_chunks(array_dir: Path, out: np.ndarray | None = None) -> np.ndarray | None:
     layout = _plain_layout(array_dir)
     if layout is None:
         return None
     meta, pieces = layout
-    out = np.empty(meta["shape"], dtype=np.dtype(meta["data_type"]))
+    if out is None:
+        out = np.empty(meta["shape"], dtype=np.dtype(meta["data_type"]))
     view = memoryview(out.reshape(-1).view(np.uint8))
 
     def read(piece: tuple[str, int, int]) -> None:

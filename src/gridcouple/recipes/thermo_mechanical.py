@@ -66,7 +66,10 @@ class HeatSolver(Application):
 
 
 class ThermalExpansion(Application):
-    """Free thermal expansion from the clamped left and bottom edges; VTK output per step."""
+    """Free thermal expansion from the clamped left and bottom edges; VTK output per step.
+    Each step's temperature is read from the heat solver's store into last step's array."""
+
+    reuse_field_buffers = True
 
     def __init__(self) -> None:
         self.temperature: Field | None = None
