@@ -33,7 +33,7 @@ from gridcouple.appkit.transport import (
     RemoteError,
 )
 from gridcouple.appkit.wire import decode, encode
-from test_appkit_apps import MESH, Counter, MupifStyle
+from test_appkit_apps import MESH, Counter, MupifStyle, Sleeper
 
 TESTS = Path(__file__).parent
 SECRET = "test-secret"
@@ -189,14 +189,21 @@ def test_a_receiver_may_read_each_step_into_the_same_buffer(tmp_path):
     assert plain.received == 1.0
 
 
-def test_background_step_runs_while_the_caller_goes_on_and_wait_reraises():
+def test_background_steps_of_two_applications_overlap_and_wait_reraises():
+    first, second = Sleeper(), Sleeper()
+    step = TimeStep(0.5, 0.5, 1)  # each step sleeps 0.5 s
+    called = time.time()
+    first.solve_step_in_background(step)
+    second.solve_step_in_background(step)
+    assert time.time() - called < 0.25 and not first.is_solved()  # returned while it runs
+    first.wait()
+    second.wait()
+    assert first.is_solved() and first.value == second.value == 0.5
+    (start1, end1), (start2, end2) = first.last_step_times(), second.last_step_times()
+    assert end1 - start1 >= 0.5 and end2 - start2 >= 0.5
+    assert start2 < end1 and start1 < end2  # the applications' own clocks: they overlapped
     app = Counter()
-    started = time.perf_counter()
-    app.solve_step_in_background(TimeStep(0.3, 0.3, 1))
-    assert time.perf_counter() - started < 0.2
-    app.wait()
-    assert app.is_solved() and app.value == 0.3
-    app.solveStep(TimeStep(0.301, 0.001, 2), runInBackground=True)
+    app.solveStep(TimeStep(0.001, 0.001, 2), runInBackground=True)
     with pytest.raises(ValueError, match="below this code's limit"):
         app.wait()
 

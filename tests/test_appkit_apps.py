@@ -53,11 +53,20 @@ class Counter(Application):
 
 
 class Sleeper(Counter):
-    """A long solve_step that says so on stderr first (the SIGKILL test's victim)."""
+    """A solve_step that takes dt seconds, says so on stderr first (the SIGKILL test's victim)
+    and notes when it started and ended (wall clock, comparable between processes)."""
+
+    step_times: tuple[float, float] | None = None
 
     def solve_step(self, tstep: TimeStep) -> None:
+        started = time.time()
         print(f"solving step {tstep.number}", file=sys.stderr, flush=True)
         time.sleep(tstep.dt)
+        self.value += tstep.dt
+        self.step_times = (started, time.time())
+
+    def last_step_times(self) -> tuple[float, float] | None:
+        return self.step_times
 
 
 class BrokenAtStart(Application):

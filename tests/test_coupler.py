@@ -18,6 +18,8 @@ import pytest
 from conftest import require_service
 from gridcouple.appkit.data import TimeStep
 from gridcouple.appkit.transport import ApplicationProxy, TransportError
+from gridcouple.backends.local import LocalBackend, LocalOptions
+from gridcouple.config import load_config
 from gridcouple.coupler import (
     ApplicationFailedError,
     ApplicationStartError,
@@ -56,18 +58,35 @@ def statuses_after(backend, jobs):
         return fresh.status(jobs)
 
 
+class CountingLocalBackend(LocalBackend):
+    """The real local backend, noting how many jobs each submit call carried."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.submissions: list[int] = []
+
+    def submit(self, specs):
+        self.submissions.append(len(specs))
+        return super().submit(specs)
+
+
 def test_allocate_several_call_remotely_and_leave_nothing_behind(config_file):
-    with Coupler.from_config(config_file) as coupler:
+    config = load_config(config_file)
+    with CountingLocalBackend(config.backend_options("local", LocalOptions),
+                              state_dir=config.state_dir) as counting, \
+            Coupler(config, backend=counting) as coupler:
         assert coupler.scheduler_address.startswith("tls://127.0.0.1:")  # mutual TLS, always
         first, second = coupler.allocate_many([
-            AppRequest("test_appkit_apps:Counter", name="one"),
-            AppRequest("test_appkit_apps:Counter", name="two")])
+            AppRequest("test_appkit_apps:Sleeper", name="one"),
+            AppRequest("test_appkit_apps:Sleeper", name="two")])
         jobs = [m.job for m in coupler._members.values()]
-        assert [j.id for j in jobs] == [jobs[0].id, jobs[0].id + 1]  # one submission
-        first.solve_step_in_background(TimeStep(0.5, 0.5, 1))  # both may step at once
+        assert counting.submissions == [2]  # both servers in one backend submission
+        first.solve_step_in_background(TimeStep(0.5, 0.5, 1))  # each sleeps 0.5 s ...
         second.solve_step_in_background(TimeStep(0.5, 0.5, 1))
         first.wait()
         second.wait()
+        (start1, end1), (start2, end2) = first.last_step_times(), second.last_step_times()
+        assert start2 < end1 and start1 < end2  # ... at once, by the servers' own clocks
         second.set_field(first.get_field("temperature", 0.5, mode="ref"))
         assert first.get_property("c").value == second.get_property("c").value == 0.5
         assert second.received_mean() == 0.5  # read from first's store by second itself
