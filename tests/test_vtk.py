@@ -12,7 +12,50 @@ from gridcouple.appkit.vtk import write_vtk
 RTOL = 1e-6  # pyvtk writes "float" (single precision) data
 
 
-def test_structured_points_with_point_and_cell_data(tmp_path):
+def dataset_type(path) -> str:
+    """The DATASET line of a legacy VTK file: what ParaView will open it as."""
+    return next(line.split()[1] for line in path.read_text().splitlines()
+                if line.startswith("DATASET"))
+
+
+def at_points(read, mesh: StructuredMesh, values: np.ndarray) -> np.ndarray:
+    """``values`` (on the grid's vertices) in the order of the points meshio read, found from
+    each point's coordinates: independent of how the writer orders them."""
+    coordinates = read.points[:, : mesh.dimension]
+    index = np.rint((coordinates - mesh.origin) / mesh.spacing).astype(int)
+    np.testing.assert_allclose(coordinates, mesh.origin + index * np.array(mesh.spacing),
+                               atol=1e-9)
+    return values[tuple(index.T)]
+
+
+@pytest.mark.parametrize("mesh", [
+    StructuredMesh((4, 3), origin=(1.0, 2.0), spacing=(0.5, 0.25)),
+    StructuredMesh((3, 4, 2), origin=(0.5, -1.0, 2.0), spacing=(0.25, 0.5, 1.5)),
+], ids=["2-D", "3-D"])
+def test_structured_points_with_scalars_vectors_and_tensors(tmp_path, mesh):
+    rng = np.random.default_rng(2)
+    d = mesh.dimension
+    temperature = rng.random(mesh.shape)
+    velocity = rng.random((*mesh.shape, d))
+    stress = rng.random((*mesh.shape, d, d))
+    path = write_vtk(tmp_path / "grid.vtk", [
+        Field(mesh, temperature, "temperature"),
+        Field(mesh, velocity, "velocity", value_type="vector"),
+        Field(mesh, stress, "stress", value_type="tensor")])
+    assert dataset_type(path) == "STRUCTURED_POINTS"
+    read = meshio.read(path)
+    assert len(read.points) == temperature.size
+    np.testing.assert_allclose(read.point_data["temperature"].reshape(-1),
+                               at_points(read, mesh, temperature), rtol=RTOL)
+    vectors = read.point_data["velocity"]
+    np.testing.assert_allclose(vectors[:, :d], at_points(read, mesh, velocity), rtol=RTOL)
+    assert np.all(vectors[:, d:] == 0)  # a 2-D vector is padded to 3 components
+    tensors = read.point_data["stress"].reshape(-1, 3, 3)
+    np.testing.assert_allclose(tensors[:, :d, :d], at_points(read, mesh, stress), rtol=RTOL)
+    assert np.all(tensors[:, d:, :] == 0) and np.all(tensors[:, :, d:] == 0)
+
+
+def test_a_structured_mesh_with_cell_data_becomes_an_unstructured_grid_of_quads(tmp_path):
     mesh = StructuredMesh((4, 3), origin=(1.0, 2.0), spacing=(0.5, 0.25))
     rng = np.random.default_rng(1)
     temperature = rng.random((4, 3))
@@ -22,6 +65,8 @@ def test_structured_points_with_point_and_cell_data(tmp_path):
         Field(mesh, temperature, "temperature"),
         Field(mesh, displacement, "displacement", value_type="vector"),
         Field(mesh, heat, "heat", location="cell")])
+    # pyvtk's STRUCTURED_POINTS carries no cell data: the cells are spelled out.
+    assert dataset_type(path) == "UNSTRUCTURED_GRID"
     read = meshio.read(path)
     # VTK numbers points x fastest: point (i, j) is i + 4 * j.
     x, y = np.meshgrid(1.0 + 0.5 * np.arange(4), 2.0 + 0.25 * np.arange(3), indexing="ij")
