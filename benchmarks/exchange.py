@@ -1,12 +1,17 @@
 """Remote calls and field exchange between two processes on loopback, against the peers in
-the same run: Pyro5 (MuPIF's transport), a dask actor, a raw TCP socket, memcpy.
+the same run: Pyro5 (MuPIF's transport), a dask actor, a raw TCP socket, memcpy and the
+first touch of new memory.
 
 Measures (medians; the machine is shared and noisy, so read the ratios):
 
-- remote call latency of a trivial method (target: <= 100 us);
+- remote call latency of a trivial method (target: <= 100 us), through a bare proxy and
+  through the proxy a real Coupler hands out (allocated on the local backend);
 - a 256 MiB float64 field, all of it read by the receiver: ``copy`` through the direct channel
-  (target: >= 0.8x raw TCP) and ``ref`` read by the receiver straight from the zarr store
-  (target: >= 1.5 GB/s; the producer's write of the version is reported beside it);
+  (target: >= 0.8x raw TCP, received into a buffer written before timing: the loopback
+  ceiling) and ``ref`` read by the receiver straight from the zarr store (target: >= 1.5 GB/s;
+  into a fresh array and into the receiver's buffer; the producer's write of each version is
+  reported beside it). Transfers run in rounds, in reverse order every other round; the
+  Pyro5 and dask actor transfers are taken ``--peer-repeats`` times;
 - application server start to usable proxy on the local backend (target: <= 0.8 s), against a
   bare dask worker joining the same scheduler, and against our server as a plain subprocess.
 
@@ -16,6 +21,7 @@ Run: ``.venv/bin/python benchmarks/exchange.py`` (needs the bench extra for Pyro
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -53,7 +59,7 @@ class BenchApp(Application):
 
     def get_field(self, field_id: str, time: float) -> Field:
         assert self.field is not None
-        return self.field
+        return self.field  # no time: a ref stores it at the time asked for
 
 
 class PyroBench:
@@ -138,23 +144,33 @@ def seconds(transfer: Callable[[], object]) -> float:
 
 
 def throughput(transfer: Callable[[], object], repeats: int) -> float:
-    """Median GB/s of moving FIELD_BYTES."""
+    """Median GB/s of moving FIELD_BYTES, over ``repeats`` samples."""
     return FIELD_BYTES / statistics.median(seconds(transfer) for _ in range(repeats)) / 1e9
 
 
 def interleaved(transfers: dict[str, Callable[[], object]], repeats: int,
-                results: dict[str, float]) -> None:
-    """Median GB/s of each transfer, run in rounds (one of each per round) so that they share
-    the machine's load; ``ratio NAME`` is the median over rounds of NAME / the first one."""
+                results: dict[str, float], base: str) -> None:
+    """Median GB/s of each transfer, run in rounds (one of each per round, every other round
+    in reverse order) so that they share the machine's load and none always runs first;
+    ``ratio NAME`` is the median over rounds of NAME / ``base``. One untimed round first."""
     times: dict[str, list[float]] = {name: [] for name in transfers}
-    for _ in range(repeats):
-        for name, transfer in transfers.items():
+    for transfer in transfers.values():
+        transfer()
+    for round_number in range(repeats):
+        order = list(transfers.items())
+        for name, transfer in order if round_number % 2 == 0 else reversed(order):
             times[name].append(seconds(transfer))
-    first = next(iter(transfers))
     for name, samples in times.items():
         results[f"field {name}"] = FIELD_BYTES / statistics.median(samples) / 1e9
         results[f"ratio {name}"] = statistics.median(
-            base / own for base, own in zip(times[first], samples, strict=True))
+            base_time / own for base_time, own in zip(times[base], samples, strict=True))
+
+
+def prefaulted(shape: tuple[int, ...]) -> np.ndarray:
+    """An array whose pages are all touched, so receiving into it measures the copy alone."""
+    array = np.empty(shape)
+    array.fill(1.0)
+    return array
 
 
 def run(args: argparse.Namespace) -> None:
@@ -191,8 +207,7 @@ def run(args: argparse.Namespace) -> None:
 
         results["latency raw TCP"] = latency_us(raw_ping, args.calls)
 
-        def raw_field() -> np.ndarray:
-            out = np.empty(FIELD_SHAPE)
+        def raw_field(out: np.ndarray) -> np.ndarray:
             view = memoryview(out).cast("B")
             raw.sendall(b"f")
             done = 0
@@ -202,17 +217,24 @@ def run(args: argparse.Namespace) -> None:
 
         proxy.make_field()
         refs = []
+        times = itertools.count()  # each ref write is the version of another time
         source = np.random.default_rng(0).random(FIELD_SHAPE)
-        target = np.empty_like(source)
-        interleaved({"raw TCP": raw_field,
-                     "copy": lambda: proxy.get_field("big", 0.0),
-                     "ref write": lambda: refs.append(proxy.get_field("big", 0.0, mode="ref")),
-                     "ref read": lambda: refs[-1].read(),
-                     "memcpy": lambda: np.copyto(target, source)}, args.repeats, results)
+        target, received, read_into = (prefaulted(FIELD_SHAPE) for _ in range(3))
+        interleaved({
+            "raw TCP": lambda: raw_field(received),
+            "raw TCP, fresh buffer": lambda: raw_field(np.empty(FIELD_SHAPE)),
+            "copy": lambda: proxy.get_field("big", 0.0),
+            "ref write": lambda: refs.append(
+                proxy.get_field("big", float(next(times)), mode="ref")),
+            "ref read": lambda: refs[-1].read(),
+            "ref read into buffer": lambda: refs[-1].read(out=read_into),
+            "memcpy": lambda: np.copyto(target, source),
+            "first touch": lambda: prefaulted(FIELD_SHAPE),
+        }, args.repeats, results, base="raw TCP")
         import serpent  # Pyro5's serializer sends bytes base64-encoded
 
         results["field Pyro5"] = throughput(
-            lambda: np.frombuffer(serpent.tobytes(pyro_proxy.array_bytes())), 1)
+            lambda: np.frombuffer(serpent.tobytes(pyro_proxy.array_bytes())), args.peer_repeats)
         _dask_actor(args, results)
         _start_times(args, results)
     finally:
@@ -233,12 +255,14 @@ def _dask_actor(args: argparse.Namespace, results: dict[str, float]) -> None:
         actor = client.submit(ActorBench, actor=True).result()
         results["latency dask actor"] = latency_us(lambda: actor.ping().result(),
                                                    max(50, args.calls // 10))
-        results["field dask actor"] = throughput(lambda: actor.array().result(), 1)
+        results["field dask actor"] = throughput(lambda: actor.array().result(),
+                                                 args.peer_repeats)
 
 
 def _start_times(args: argparse.Namespace, results: dict[str, float]) -> None:
     """Server start to usable proxy: on the local backend, as a plain subprocess, and a bare
-    dask worker joining the coupler's scheduler."""
+    dask worker joining the coupler's scheduler; and the call latency through the proxy the
+    coupler handed out."""
     from gridcouple.appkit.transport import TOKEN_ENV, ApplicationProxy
     from gridcouple.coupler import Coupler
 
@@ -250,19 +274,37 @@ def _start_times(args: argparse.Namespace, results: dict[str, float]) -> None:
             samples = []
             for index in range(args.starts):
                 started = time.perf_counter()
-                coupler.allocate("exchange:BenchApp", name=f"start{index}").ping()
+                app = coupler.allocate("exchange:BenchApp", name=f"start{index}")
+                app.ping()
                 samples.append(time.perf_counter() - started)
             results["start local backend"] = statistics.median(samples)
+            # Right after its start a server imports dask in a background thread (its GIL
+            # share slows calls); once it has joined the scheduler it is in steady use.
+            results["latency coupler proxy, starting"] = latency_us(app.ping, 200)
+            deadline = time.monotonic() + 60
+            while len(coupler.scheduler_members()) < args.starts:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"servers joined: {coupler.scheduler_members()}")
+                time.sleep(0.01)
+            results["latency coupler proxy"] = latency_us(app.ping, args.calls)
+            tls = _tls_options(coupler._scheduler_client_kwargs, Path(tmp))
+            log = Path(tmp) / "worker.log"
             samples = []
             for index in range(args.starts):
                 started = time.perf_counter()
-                worker = subprocess.Popen(
-                    [sys.executable, "-m", "distributed.cli.dask_worker",
-                     coupler.scheduler_address, "--nthreads", "1", "--no-nanny",
-                     "--no-dashboard", "--name", f"bare{index}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                with log.open("w") as stderr:
+                    worker = subprocess.Popen(
+                        [sys.executable, "-m", "distributed.cli.dask_worker",
+                         coupler.scheduler_address, "--nthreads", "1", "--no-nanny",
+                         "--no-dashboard", "--name", f"bare{index}", *tls],
+                        stdout=subprocess.DEVNULL, stderr=stderr)
                 while not any(w.name == f"bare{index}"
                               for w in coupler._scheduler.workers.values()):
+                    if worker.poll() is not None or time.perf_counter() - started > 60:
+                        worker.kill()
+                        worker.wait()
+                        raise RuntimeError(f"the bare dask worker did not join:\n"
+                                           f"{log.read_text()[-2000:]}")
                     time.sleep(0.002)
                 samples.append(time.perf_counter() - started)
                 worker.terminate()
@@ -280,20 +322,45 @@ def _start_times(args: argparse.Namespace, results: dict[str, float]) -> None:
     results["start plain subprocess"] = statistics.median(samples)
 
 
+def _tls_options(security: dict[str, str], directory: Path) -> list[str]:
+    """dask-worker's TLS options for the coupler's scheduler (mutual TLS, also on loopback):
+    the certificates, written to files when the coupler holds them in memory."""
+    options = []
+    for key, option in (("tls_ca_file", "--tls-ca-file"), ("tls_client_cert", "--tls-cert"),
+                        ("tls_client_key", "--tls-key")):
+        value = security[key]
+        if value.lstrip().startswith("-----BEGIN"):
+            path = directory / f"{key}.pem"
+            path.write_text(value)
+            path.chmod(0o600)
+            value = str(path)
+        options += [option, value]
+    return options
+
+
 def report(results: dict[str, float]) -> None:
-    ours = results["latency ours"]
-    print(f"remote call latency, median over calls (target <= 100 us): ours {ours:.1f} us")
+    ours, coupled = results["latency ours"], results["latency coupler proxy"]
+    print("remote call latency, median over calls (target <= 100 us):")
+    print(f"  ours, bare proxy        {ours:9.1f} us")
+    print(f"  ours, Coupler's proxy   {coupled:9.1f} us   (allocated on the local backend, "
+          "server joined)")
+    print(f"  ... while it starts     {results['latency coupler proxy, starting']:9.1f} us   "
+          "(importing dask in the background)")
     for peer in ("Pyro5", "dask actor", "raw TCP"):
         value = results[f"latency {peer}"]
-        print(f"  {peer:<12} {value:9.1f} us   ours / {peer} = {ours / value:.2f}")
+        print(f"  {peer:<23} {value:9.1f} us   ours / {peer} = {ours / value:.2f}, "
+              f"Coupler's / {peer} = {coupled / value:.2f}")
     copy = results["field copy"]
-    print("256 MiB float64 field, GB/s (medians; 1 GB = 1e9 bytes; ratios: median per round):")
+    print("256 MiB float64 field, GB/s (medians; 1 GB = 1e9 bytes; ratios: median per round "
+          "against raw TCP into a written buffer):")
     print(f"  copy (direct channel)   {copy:6.2f}   copy / raw TCP = "
           f"{results['ratio copy']:.2f} (target >= 0.8)")
-    print(f"  ref, receiver reads     {results['field ref read']:6.2f}   (target >= 1.5 GB/s); "
-          f"ref read / raw TCP = {results['ratio ref read']:.2f}")
+    for name in ("ref read", "ref read into buffer"):
+        print(f"  {name + ', receiver':<23} {results['field ' + name]:6.2f}   (target >= 1.5 "
+              f"GB/s); / raw TCP = {results['ratio ' + name]:.2f}")
     print(f"  ref, producer writes    {results['field ref write']:6.2f}   (once per version)")
-    for peer in ("raw TCP", "memcpy", "Pyro5", "dask actor"):
+    for peer in ("raw TCP", "raw TCP, fresh buffer", "memcpy", "first touch", "Pyro5",
+                 "dask actor"):
         value = results[f"field {peer}"]
         print(f"  {peer:<23} {value:6.2f}   copy / {peer} = {copy / value:.2f}")
     start = results["start local backend"]
@@ -307,8 +374,10 @@ def report(results: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=3000, help="calls per latency figure")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of field transfers")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds of field transfers")
     parser.add_argument("--starts", type=int, default=5, help="starts per start-time figure")
+    parser.add_argument("--peer-repeats", type=int, default=3,
+                        help="samples of the Pyro5 and dask actor field transfers")
     parser.add_argument("--serve-pyro", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-tcp", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
