@@ -12,10 +12,13 @@ from gridcouple.appkit.vtk import write_vtk
 RTOL = 1e-6  # pyvtk writes "float" (single precision) data
 
 
-def dataset_type(path) -> str:
-    """The DATASET line of a legacy VTK file: what ParaView will open it as."""
-    return next(line.split()[1] for line in path.read_text().splitlines()
-                if line.startswith("DATASET"))
+def written(path, fields: list[Field], dataset: str) -> meshio.Mesh:
+    """Write ``fields``, check the file's DATASET line (what ParaView opens it as) and read it
+    back with meshio."""
+    write_vtk(path, fields)
+    assert next(line.split()[1] for line in path.read_text().splitlines()
+                if line.startswith("DATASET")) == dataset
+    return meshio.read(path)
 
 
 def at_points(read, mesh: StructuredMesh, values: np.ndarray) -> np.ndarray:
@@ -38,12 +41,10 @@ def test_structured_points_with_scalars_vectors_and_tensors(tmp_path, mesh):
     temperature = rng.random(mesh.shape)
     velocity = rng.random((*mesh.shape, d))
     stress = rng.random((*mesh.shape, d, d))
-    path = write_vtk(tmp_path / "grid.vtk", [
+    read = written(tmp_path / "grid.vtk", [
         Field(mesh, temperature, "temperature"),
         Field(mesh, velocity, "velocity", value_type="vector"),
-        Field(mesh, stress, "stress", value_type="tensor")])
-    assert dataset_type(path) == "STRUCTURED_POINTS"
-    read = meshio.read(path)
+        Field(mesh, stress, "stress", value_type="tensor")], "STRUCTURED_POINTS")
     assert len(read.points) == temperature.size
     np.testing.assert_allclose(read.point_data["temperature"].reshape(-1),
                                at_points(read, mesh, temperature), rtol=RTOL)
@@ -61,13 +62,11 @@ def test_a_structured_mesh_with_cell_data_becomes_an_unstructured_grid_of_quads(
     temperature = rng.random((4, 3))
     displacement = rng.random((4, 3, 2))
     heat = rng.random((3, 2))
-    path = write_vtk(tmp_path / "step.vtk", [
+    # pyvtk's STRUCTURED_POINTS carries no cell data: the cells are spelled out.
+    read = written(tmp_path / "step.vtk", [
         Field(mesh, temperature, "temperature"),
         Field(mesh, displacement, "displacement", value_type="vector"),
-        Field(mesh, heat, "heat", location="cell")])
-    # pyvtk's STRUCTURED_POINTS carries no cell data: the cells are spelled out.
-    assert dataset_type(path) == "UNSTRUCTURED_GRID"
-    read = meshio.read(path)
+        Field(mesh, heat, "heat", location="cell")], "UNSTRUCTURED_GRID")
     # VTK numbers points x fastest: point (i, j) is i + 4 * j.
     x, y = np.meshgrid(1.0 + 0.5 * np.arange(4), 2.0 + 0.25 * np.arange(3), indexing="ij")
     np.testing.assert_allclose(read.points[:, 0], x.reshape(-1, order="F"))
@@ -89,10 +88,9 @@ def test_unstructured_grid_with_mixed_cells_and_tensors(tmp_path):
     mesh = UnstructuredMesh([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0]],
                             {"quad": [[0, 1, 3, 2]], "triangle": [[1, 4, 3]]})
     stress = np.arange(20.0).reshape(5, 2, 2)
-    path = write_vtk(tmp_path / "mesh.vtk", [
+    read = written(tmp_path / "mesh.vtk", [
         Field(mesh, stress, "stress", value_type="tensor"),
-        Field(mesh, np.array([10.0, 20.0]), "damage", location="cell")])
-    read = meshio.read(path)
+        Field(mesh, np.array([10.0, 20.0]), "damage", location="cell")], "UNSTRUCTURED_GRID")
     cells = {block.type: block.data.tolist() for block in read.cells}
     assert cells == {"quad": [[0, 1, 3, 2]], "triangle": [[1, 4, 3]]}
     np.testing.assert_allclose(read.point_data["stress"][:, :2, :2], stress, rtol=RTOL)
