@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -287,7 +288,7 @@ def _start_times(args: argparse.Namespace, results: dict[str, float]) -> None:
                     raise RuntimeError(f"servers joined: {coupler.scheduler_members()}")
                 time.sleep(0.01)
             results["latency coupler proxy"] = latency_us(app.ping, args.calls)
-            tls = _tls_options(coupler._scheduler_client_kwargs, Path(tmp))
+            tls = _tls_options(coupler.scheduler_security, Path(tmp))
             log = Path(tmp) / "worker.log"
             samples = []
             for index in range(args.starts):
@@ -322,13 +323,13 @@ def _start_times(args: argparse.Namespace, results: dict[str, float]) -> None:
     results["start plain subprocess"] = statistics.median(samples)
 
 
-def _tls_options(security: dict[str, str], directory: Path) -> list[str]:
+def _tls_options(security: Any, directory: Path) -> list[str]:
     """dask-worker's TLS options for the coupler's scheduler (mutual TLS, also on loopback):
-    the certificates, written to files when the coupler holds them in memory."""
+    the certificates of its ``Security``, written to files when held in memory."""
     options = []
     for key, option in (("tls_ca_file", "--tls-ca-file"), ("tls_client_cert", "--tls-cert"),
                         ("tls_client_key", "--tls-key")):
-        value = security[key]
+        value = getattr(security, key)
         if value.lstrip().startswith("-----BEGIN"):
             path = directory / f"{key}.pem"
             path.write_text(value)

@@ -210,4 +210,4 @@ def test_the_scheduler_refuses_peers_without_the_sessions_certificate(config_fil
             with pytest.raises((OSError, TimeoutError)):
                 asyncio.run(try_to_connect(target, security))
         # the session's own certificate gets in, as the application servers do
-        asyncio.run(try_to_connect(address, Security(**coupler._scheduler_client_kwargs)))
+        asyncio.run(try_to_connect(address, coupler.scheduler_security))

@@ -169,6 +169,16 @@ class Coupler:
         return self._scheduler.address
 
     @property
+    def scheduler_security(self) -> Any:
+        """The distributed ``Security`` a dask client needs to reach the scheduler (mutual TLS
+        with the session's certificate): ``Client(c.scheduler_address, security=...)``."""
+        from distributed.security import Security
+
+        if not self._scheduler_client_kwargs:
+            raise ApplicationError("the coupler is not started; use it in a with block")
+        return Security(**self._scheduler_client_kwargs)
+
+    @property
     def registry_endpoint(self) -> str:
         assert self._registry is not None
         host, port = self._registry.getsockname()[:2]
