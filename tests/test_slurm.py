@@ -366,3 +366,29 @@ def test_walltime_ends_in_timeout(cluster, tmp_path):
                       state_dir=backend.state_dir) as forgetful:
         from_sacct = forgetful.query(forgetful.journal.get([job.id]))[job.id]
     assert (from_sacct.state, from_sacct.native_state) == (JobState.TIMEOUT, "TIMEOUT")
+
+
+def test_a_cancel_that_comes_while_sbatch_runs_is_carried_out(backend, tmp_path):
+    """Another process cancels a job the submitter is still handing to sbatch (no native id
+    yet): once sbatch answers, the job is scancel'ed, not left to run."""
+    import threading
+
+    # Fault injection: an sbatch that answers a second late, so the cancel lands meanwhile.
+    slow = "import time\ntime.sleep(1)\nsys.exit(subprocess.call([REAL, *sys.argv[1:]]))\n"
+    bin_dir = wrapped_bin_dir(tmp_path / "bin", sbatch=slow)
+    submitted = []
+    with SlurmBackend(SlurmOptions(bin_dir=bin_dir, poll_interval=0.5),
+                      state_dir=backend.state_dir) as submitter:
+        worker = threading.Thread(target=lambda: submitted.extend(submitter.submit(
+            [JobSpec(argv=("sleep", "300"), name="late-cancel")])))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not (records := [r for r in backend.journal.records("slurm")
+                               if r.job.spec.name == "late-cancel"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert records[0].job.native_id == ""  # still inside sbatch
+        backend.cancel([records[0].job])
+        worker.join(timeout=30)
+    [status] = backend.wait(submitted, timeout=30)
+    assert status.state is JobState.CANCELED, status

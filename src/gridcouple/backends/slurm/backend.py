@@ -313,8 +313,16 @@ class SlurmBackend(Backend):
             raise
         finally:
             self._store_native_ids(native)
+            self._cancel_if_requested(native)
         return [Job(id=i, backend=self.name, native_id=native[i], spec=s)
                 for i, s in zip(ids, specs, strict=True)]
+
+    def _cancel_if_requested(self, native: dict[int, str]) -> None:
+        """scancel the jobs whose cancel came (from any process) while sbatch had them and
+        their native ids were not known yet."""
+        asked = [r.job.native_id for r in self.journal.get(native) if r.cancel_requested]
+        if asked:
+            self._job_command("scancel", [], asked)
 
     def _prepare(self, job_id: int, spec: JobSpec) -> None:
         home = self.job_home(job_id)
