@@ -120,7 +120,7 @@ def test_averages_may_have_fractions_other_fields_may_not(tmp_path):
     write_swf(tmp_path / "back.swf", records)
     assert read_swf(tmp_path / "back.swf").records.tolist() == records.tolist()
     records[0, COLUMN["run_time"]] = 5.5
-    with pytest.raises(SwfError, match="record 1, field run_time: 5.5 is not a whole number"):
+    with pytest.raises(SwfError, match="record 1, field run_time is not a whole number: 5.5"):
         write_swf(tmp_path / "back.swf", records)
     with pytest.raises(SwfError, match=f"cannot write {tmp_path}: Is a directory"):
         write_swf(tmp_path, read_swf(path).records)
@@ -228,8 +228,9 @@ def test_the_cli_works_without_the_simulate_extra(trace_file):
         assert result.returncode == 0, result.stderr
     result = gridcouple("simulate", str(trace_file))
     assert result.returncode == 2
-    assert result.stderr == ("gridcouple: error: gridcouple simulate cannot run: import of numpy "
-                             "halted; None in sys.modules (install gridcouple[simulate])\n")
+    assert result.stderr.startswith("gridcouple: error: gridcouple simulate cannot run: ")
+    assert result.stderr.endswith(" (install gridcouple[simulate])\n")
+    assert result.stderr.count("\n") == 1 and "numpy" in result.stderr
 
 
 @pytest.mark.parametrize("option", ["--out", "--plot"])

@@ -112,7 +112,8 @@ class Config:
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Find, read and validate the configuration (see the module docstring for the order)."""
-    if path is None and os.environ.get(CONFIG_ENV):
+    from_env = path is None and bool(os.environ.get(CONFIG_ENV))
+    if from_env:
         path = os.environ[CONFIG_ENV]
     if path is None and Path(DEFAULT_FILE).is_file():
         path = DEFAULT_FILE
@@ -124,7 +125,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         try:
             text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            named = f" (named by ${CONFIG_ENV})" if path == os.environ.get(CONFIG_ENV) else ""
+            named = f" (named by ${CONFIG_ENV})" if from_env else ""
             raise ConfigError(f"config file {file}{named} does not exist") from None
         except OSError as exc:
             raise ConfigError(f"config file {file} cannot be read: {exc.strerror}") from None

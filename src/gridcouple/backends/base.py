@@ -49,6 +49,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     backoff: ClassVar[Backoff] = Backoff()
+    single_host: ClassVar[bool] = False  # True: every job runs on the submitting machine
 
     def __init__(self, options: Any, *, state_dir: Path, journal: Journal | None = None) -> None:
         self.options = options

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from gridcouple.cli import app
 from gridcouple.errors import ConfigError
+from gridcouple.scheduler import DEFAULT_TAU
 from gridcouple.scheduler.engine import simulate as simulate_jobs
 from gridcouple.scheduler.policies import make_policy
 
@@ -40,8 +41,8 @@ def simulate(
         "repeat to compare side by side.")] = ["easy"],  # noqa: B006  (typer needs a list)
     procs: Annotated[int | None, typer.Option(
         help="Machine size (default: the trace's MaxProcs).", show_default=False)] = None,
-    tau: Annotated[float | None, typer.Option(
-        help="Bounded slowdown threshold in seconds [default: 10].", show_default=False)] = None,
+    tau: Annotated[float, typer.Option(
+        help="Bounded slowdown threshold in seconds.")] = DEFAULT_TAU,
     out: Annotated[Path | None, typer.Option(
         help="Write the simulated schedule as SWF (NAME-POLICY.swf for several).",
         show_default=False)] = None,
@@ -65,7 +66,7 @@ def simulate(
 ) -> None:
     """Replay a workload trace in simulated time and print its metrics per policy."""
     try:
-        from gridcouple.scheduler.metrics import DEFAULT_TAU, simulator_metrics
+        from gridcouple.scheduler.metrics import simulator_metrics
         from gridcouple.scheduler.swf import (
             ReplayOptions,
             read_swf,
@@ -79,7 +80,6 @@ def simulate(
     except ImportError as exc:
         raise ConfigError(f"gridcouple simulate cannot run: {exc} (install "
                           "gridcouple[simulate])") from None
-    tau = DEFAULT_TAU if tau is None else tau
     options = ReplayOptions(
         procs=_choice("--procs-from", procs_from, ("requested", "allocated")),
         estimate=_choice("--estimate", estimate, ("requested", "runtime")),

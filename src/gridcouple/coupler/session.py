@@ -174,7 +174,7 @@ class Coupler:
         with the session's certificate): ``Client(c.scheduler_address, security=...)``."""
         from distributed.security import Security
 
-        if not self._scheduler_client_kwargs:
+        if self._scheduler is None:
             raise ApplicationError("the coupler is not started; use it in a with block")
         return Security(**self._scheduler_client_kwargs)
 
@@ -511,12 +511,12 @@ class Coupler:
                 "tls_client_key": key, "tls_scheduler_cert": cert, "tls_scheduler_key": key}
 
     def _field_store_root(self) -> str:
-        """``[coupler] field_store``, else a directory of our own: in /dev/shm for the local
-        backend (one machine), else below the state directory, which batch backends need on a
+        """``[coupler] field_store``, else a directory of our own: in /dev/shm when every job
+        runs on this machine, else below the state directory, which batch backends need on a
         file system their nodes share anyway."""
         if self.settings.field_store:
             return self.settings.field_store.rstrip("/")
-        if self.backend.name == "local":
+        if self.backend.single_host:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         else:
             base = str(self.backend.state_dir / "fields")

@@ -133,20 +133,22 @@ class Journal:
     def set_native_ids(self, rows: Iterable[tuple[int, str, str]], state: JobState) -> list[int]:
         """Store (id, native id, work directory) of jobs the batch system accepted, and move
         the ones still NEW to ``state``; a job canceled meanwhile stays canceled. Returns the
-        ids that moved."""
+        ids whose cancel was requested meanwhile: the batch system has them, so the caller
+        cancels them there."""
         rows = list(rows)
         now = time.time()
-        moved = []
+        ids = [i for i, _, _ in rows]
         with self.transaction() as db:
+            found = [row for start in range(0, len(ids), 500) for row in db.execute(
+                f"SELECT id, state, cancel_requested FROM jobs WHERE id IN "
+                f"({','.join('?' * len(ids[start:start + 500]))})", ids[start:start + 500])]
+            new = [(i,) for i, job_state, _ in found if job_state == JobState.NEW.value]
             db.executemany("UPDATE jobs SET native_id = ?, workdir = ? WHERE id = ?",
                            [(native, workdir, i) for i, native, workdir in rows])
-            for i, _, _ in rows:
-                if db.execute("UPDATE jobs SET state = ? WHERE id = ? AND state = ?",
-                              (state.value, i, JobState.NEW.value)).rowcount:
-                    moved.append(i)
+            db.executemany(f"UPDATE jobs SET state = '{state.value}' WHERE id = ?", new)
             db.executemany("INSERT INTO events (job_id, state, time) VALUES (?, ?, ?)",
-                           [(i, state.value, now) for i in moved])
-        return moved
+                           [(i, state.value, now) for (i,) in new])
+        return [i for i, _, cancel_requested in found if cancel_requested]
 
     def update(self, changes: Iterable[tuple[int, JobStatus]], *,
                only_if: Sequence[JobState] | None = None) -> list[int]:

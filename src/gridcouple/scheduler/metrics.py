@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gridcouple.scheduler import DEFAULT_TAU
 from gridcouple.scheduler.engine import Simulator
-
-DEFAULT_TAU = 10.0
 
 
 @dataclass(frozen=True)

@@ -124,18 +124,29 @@ def _check_values(path: Path, records: np.ndarray, data: Sequence[str],
                   numbers: Sequence[int]) -> None:
     """Raise SwfError at the first value that is not finite, not whole in a whole-number
     field, or a negative submit time."""
-    submit = COLUMN["submit_time"]
+    bad = _first_bad_value(records, negative_submit=True)
+    if bad is not None:
+        row, column, what = bad
+        raise SwfError(f"{path}:{numbers[row]}: field {FIELDS[column]} {what}: "
+                       f"{data[row].split()[column]!r}")
+
+
+def _first_bad_value(records: np.ndarray, *,
+                     negative_submit: bool) -> tuple[int, int, str] | None:
+    """(row, column, what is wrong) of the first value that is not finite or not whole in a
+    whole-number field (or, with ``negative_submit``, a negative submit time); else None."""
     bad = ~np.isfinite(records) | (WHOLE & (records != np.round(records)))
-    bad[:, submit] |= records[:, submit] < 0
+    submit = COLUMN["submit_time"]
+    if negative_submit:
+        bad[:, submit] |= records[:, submit] < 0
     if not bad.any():
-        return
+        return None
     row, column = divmod(int(np.argmax(bad)), len(FIELDS))
     value = records[row, column]
     what = ("is not a finite number" if not np.isfinite(value)
             else "is negative" if column == submit and value < 0
             else "is not a whole number")
-    raise SwfError(f"{path}:{numbers[row]}: field {FIELDS[column]} {what}: "
-                   f"{data[row].split()[column]!r}")
+    return row, column, what
 
 
 def _raise_first_bad_line(path: Path, data: Sequence[str], numbers: Sequence[int]) -> None:
@@ -158,11 +169,11 @@ def write_swf(path: str | Path, records: np.ndarray,
     averages must be a whole number, as a reader expects; SwfError if not, or if the file
     cannot be written."""
     path = Path(path)
-    bad = ~np.isfinite(records) | (WHOLE & (records != np.round(records)))
-    if bad.any():
-        row, column = divmod(int(np.argmax(bad)), len(FIELDS))
-        raise SwfError(f"{path}: record {row + 1}, field {FIELDS[column]}: "
-                       f"{records[row, column]} is not a whole number")
+    bad = _first_bad_value(records, negative_submit=False)
+    if bad is not None:
+        row, column, what = bad
+        raise SwfError(f"{path}: record {row + 1}, field {FIELDS[column]} {what}: "
+                       f"{records[row, column]}")
     lines = [f"; {key}: {value}" if key else f"; {value}" for key, value in header]
     buffer = io.StringIO()
     integral = np.all(records == np.round(records), axis=0) if len(records) else []

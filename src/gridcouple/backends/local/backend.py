@@ -82,6 +82,7 @@ class LocalBackend(Backend):
 
     name = "local"
     Options = LocalOptions
+    single_host = True
     backoff = Backoff(first=0.01, most=0.25)
 
     def __init__(self, options: LocalOptions | None = None, **kwargs) -> None:
@@ -137,9 +138,14 @@ class LocalBackend(Backend):
         NEW whose submitting process has ended was never queued, and is FAILED."""
         self._ensure_daemon()
         result = {r.job.id: r.status for r in records}
+        alive: dict[tuple[int, int | None], bool] = {}  # one /proc read per submitter
         for record in records:
-            if record.status.state is JobState.NEW and _submitter_gone(record):
-                pid = record.extra["submitter"][0]
+            if record.status.state is not JobState.NEW or "submitter" not in record.extra:
+                continue
+            pid, started = record.extra["submitter"]
+            if (pid, started) not in alive:
+                alive[pid, started] = process_start(pid) == started
+            if not alive[pid, started]:
                 result[record.job.id] = JobStatus(
                     JobState.FAILED, end_time=time.time(),
                     reason=f"not queued: its submitting process (pid {pid}) ended first")
@@ -257,10 +263,3 @@ class LocalBackend(Backend):
             except OSError as exc:
                 raise BackendError(f"cannot reach the local daemon: {exc}") from exc
         return True
-
-
-def _submitter_gone(record: JobRecord) -> bool:
-    """True when the process that recorded the job is no longer running (a reused pid is told
-    apart by its start time)."""
-    pid, started = record.extra.get("submitter") or (None, None)
-    return pid is not None and process_start(pid) != started

@@ -312,17 +312,10 @@ class SlurmBackend(Backend):
             self._mark_unsubmitted([i for i in ids if i not in native and i not in unsure], exc)
             raise
         finally:
-            self._store_native_ids(native)
-            self._cancel_if_requested(native)
+            canceled_meanwhile = self._store_native_ids(native)
+        self._scancel_some(native, canceled_meanwhile)
         return [Job(id=i, backend=self.name, native_id=native[i], spec=s)
                 for i, s in zip(ids, specs, strict=True)]
-
-    def _cancel_if_requested(self, native: dict[int, str]) -> None:
-        """scancel the jobs whose cancel came (from any process) while sbatch had them and
-        their native ids were not known yet."""
-        asked = [r.job.native_id for r in self.journal.get(native) if r.cancel_requested]
-        if asked:
-            self._job_command("scancel", [], asked)
 
     def _prepare(self, job_id: int, spec: JobSpec) -> None:
         home = self.job_home(job_id)
@@ -354,10 +347,18 @@ class SlurmBackend(Backend):
             raise BackendError(f"sbatch printed {out!r}, not a job id")
         return array_id
 
-    def _store_native_ids(self, native: dict[int, str]) -> None:
-        if native:
-            self.journal.set_native_ids(((i, n, str(self.job_home(i))) for i, n in native.items()),
-                                        state=JobState.QUEUED)
+    def _scancel_some(self, native: dict[int, str], ids: Sequence[int]) -> None:
+        """scancel the jobs ``ids`` of ``native``: those whose cancel was asked for (from any
+        process) while sbatch had them and their native ids were not known."""
+        if ids:
+            self._job_command("scancel", [], [native[i] for i in ids])
+
+    def _store_native_ids(self, native: dict[int, str]) -> list[int]:
+        """Record the native ids; returns the ids whose cancel was requested meanwhile."""
+        if not native:
+            return []
+        return self.journal.set_native_ids(
+            ((i, n, str(self.job_home(i))) for i, n in native.items()), state=JobState.QUEUED)
 
     def _mark_unsubmitted(self, ids: Sequence[int], exc: Exception) -> None:
         failed = JobStatus(JobState.FAILED, reason=f"not submitted: {exc}", end_time=time.time())
@@ -421,7 +422,7 @@ class SlurmBackend(Backend):
             job_id = int(ids[int(task or 0)])
             if job_id in wanted:
                 found[job_id] = native_id if len(ids) > 1 else array_id
-        self._store_native_ids(found)
+        self._scancel_some(found, self._store_native_ids(found))
         return found
 
     def _sacct(self, records: Sequence[JobRecord], native: dict[int, str]) -> dict[int, JobStatus]:
