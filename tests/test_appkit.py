@@ -170,11 +170,13 @@ def test_a_field_without_a_time_is_stored_at_the_time_asked_for(tmp_path):
 
 
 def test_a_receiver_may_read_each_step_into_the_same_buffer(tmp_path):
-    class Reusing(Counter):
-        reuse_field_buffers = True
-
+    class Keeping(Counter):
         def set_field(self, field):
+            super().set_field(field)
             self.kept = field.values
+
+    class Reusing(Keeping):
+        reuse_field_buffers = True
 
     store = FieldStore(tmp_path)
     receiver = Reusing()
@@ -184,9 +186,12 @@ def test_a_receiver_may_read_each_step_into_the_same_buffer(tmp_path):
     assert receiver.kept is buffer and np.all(buffer == 2.0)
     receiver.set_field(store.put(Field(MESH, np.ones((4, 3), np.float32), "t", time=0.3)))
     assert receiver.kept is not buffer and receiver.kept.dtype == np.float32  # another dtype
-    plain = Counter()  # without reuse_field_buffers: a new array each time
+    plain = Keeping()  # without reuse_field_buffers: a new array each time
     plain.set_field(store.ref("t", time=0.1))
-    assert plain.received == 1.0
+    first = plain.kept
+    plain.set_field(store.ref("t", time=0.2))
+    assert plain.kept is not first and plain.received == 2.0
+    assert np.all(first == 1.0) and np.all(plain.kept == 2.0)
 
 
 def test_background_steps_of_two_applications_overlap_and_wait_reraises():

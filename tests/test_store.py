@@ -3,6 +3,7 @@ references, atomic and exclusive writes (racing threads and processes), xarray."
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gridcouple.appkit.data import Field, StructuredMesh, UnstructuredMesh
-from gridcouple.appkit.store import FieldStore, VersionConflictError
+from gridcouple.appkit.store import FieldStore, VersionConflictError, _needs_create_lock
 
 MESH = StructuredMesh((64, 8), origin=(1.0, 0.0), spacing=(0.5, 0.25))
 
@@ -77,6 +78,59 @@ def test_a_time_has_one_version_putting_it_again_is_idempotent_or_refused(tmp_pa
     with pytest.raises(ValueError, match="addressed by its time, which must be a finite "
                                          "number, got None"):
         store.put(Field(MESH, temperature(0.0).values, "temperature"))
+
+
+def test_the_latest_version_is_the_highest_committed_one_found_with_one_marker_read(
+        tmp_path, monkeypatch):
+    store = FieldStore(tmp_path, chunk_bytes=1024)
+    for index in range(5):
+        store.put(temperature(float(index), 0.1 * index))
+    # A version written but never committed (its writer died before the marker): not listed.
+    shutil.copytree(tmp_path / "temperature" / "v000005", tmp_path / "temperature" / "v000006")
+    zarr.open_group(tmp_path / "temperature" / "v000006", mode="r+").attrs["gridcouple"] = {
+        **store.ref("temperature").to_wire(), "time": 9.0}
+    shutil.copytree(tmp_path / "temperature" / "v000005", tmp_path / "orphan" / "v000001")
+    marker_reads = []
+    original = FieldStore._marker
+    monkeypatch.setattr(FieldStore, "_marker", lambda self, field_id, key: (
+        marker_reads.append(key), original(self, field_id, key))[1])
+    assert store.ref("temperature").version == 5
+    assert marker_reads == ["9.0", "0.4"]  # v000006 is skipped; v000005 checks out
+    marker_reads.clear()
+    store.put(temperature(5.0, 0.5))  # takes the next free number past the uncommitted one
+    assert store.ref("temperature").version == 7 and len(marker_reads) == 2  # put's and ref's
+    assert store.field_ids() == ["temperature"]  # "orphan" has no committed version
+    assert store.versions("temperature") == [1, 2, 3, 4, 5, 7]
+    with pytest.raises(ValueError, match=r"FieldStore\(.*\): field 'temperature': ref: give "
+                                         r"a version or a time, not both"):
+        store.ref("temperature", 1, time=0.1)
+
+
+def test_a_repeated_put_compares_everything_the_version_stored(tmp_path, monkeypatch):
+    store = FieldStore(tmp_path)
+    describe = Field.describe
+    monkeypatch.setattr(Field, "describe", lambda self: {**describe(self), "origin": "model"})
+    first = store.put(temperature(0.0, 0.1))
+    assert store.put(temperature(0.0, 0.1)) == first  # a key FieldRef does not carry
+    monkeypatch.setattr(Field, "describe", lambda self: {**describe(self), "origin": "other"})
+    with pytest.raises(VersionConflictError, match="with other origin"):
+        store.put(temperature(0.0, 0.1))
+
+
+def test_only_file_systems_without_an_atomic_create_take_the_create_lock():
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.spec import AbstractFileSystem
+
+    class CheckThenWrite(AbstractFileSystem):
+        """Keeps fsspec's default pipe_file: exists(), then write."""
+
+    class ConditionalWrite(AbstractFileSystem):
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            """One conditional request, as object stores with If-None-Match."""
+
+    assert _needs_create_lock(MemoryFileSystem())
+    assert _needs_create_lock(CheckThenWrite())
+    assert not _needs_create_lock(ConditionalWrite())
 
 
 def test_unstructured_mesh_is_stored_once_and_comes_back(tmp_path):
@@ -148,6 +202,12 @@ def test_an_fsspec_store_commits_versions_in_place():
     assert store.times("temperature") == {0.2: 2}
 
 
+# memory:// lives in one process, and its create-only write checks, then writes: writer threads
+# racing on it test the store's in-process create lock, not create-only writes of the store.
+RACED_STORES = [pytest.param("directory", id="directory"),
+                pytest.param("memory", id="memory-in-process-lock")]
+
+
 def race(count: int, write):
     """``write(index)`` in ``count`` threads released at once; its results or exceptions."""
     barrier = threading.Barrier(count)
@@ -163,8 +223,8 @@ def race(count: int, write):
         return list(pool.map(run, range(count)))
 
 
-@pytest.mark.parametrize("where", ["directory", "memory"])
-def test_writers_racing_each_get_their_own_version(tmp_path, where):
+@pytest.mark.parametrize("where", RACED_STORES)
+def test_writer_threads_racing_each_get_their_own_version(tmp_path, where):
     url = str(tmp_path) if where == "directory" else f"memory://race-{uuid.uuid4().hex}"
     refs = race(8, lambda i: FieldStore(url, chunk_bytes=1024).put(
         temperature(100.0 * i, 0.1 * i)))
@@ -175,8 +235,8 @@ def test_writers_racing_each_get_their_own_version(tmp_path, where):
         np.testing.assert_array_equal(ref.read(), temperature(100.0 * index).values)
 
 
-@pytest.mark.parametrize("where", ["directory", "memory"])
-def test_writers_racing_for_one_time_commit_exactly_one_version(tmp_path, where):
+@pytest.mark.parametrize("where", RACED_STORES)
+def test_writer_threads_racing_for_one_time_commit_exactly_one_version(tmp_path, where):
     url = str(tmp_path) if where == "directory" else f"memory://race-{uuid.uuid4().hex}"
     offsets = [0.0, 0.0, 0.0, 0.0, 1.0, 2.0]  # four writers agree, two do not
     results = race(len(offsets), lambda i: FieldStore(url, chunk_bytes=1024).put(

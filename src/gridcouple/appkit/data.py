@@ -91,7 +91,7 @@ class Property:
         name = f"Property {self.property_id!r}"
         _check_value_type(self.value_type, "Property")
         _check_units(self.units, name)
-        if self.time is not None and not (_is_real(self.time) and math.isfinite(self.time)):
+        if self.time is not None and not is_finite_real(self.time):
             raise ValueError(f"{name}: time must be a finite number or None, got {self.time!r}")
         if not isinstance(self.object_id, int | np.integer) or isinstance(self.object_id, bool):
             raise TypeError(f"{name}: object_id must be an integer, got {self.object_id!r}")
@@ -324,6 +324,11 @@ _PROPERTY_NDIM = {"scalar": 0, "vector": 1, "tensor": 2}
 def _is_real(value: object) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
         value, bool | np.bool_)
+
+
+def is_finite_real(value: object) -> bool:
+    """A real number (not a bool) that is neither infinite nor NaN: a valid time."""
+    return _is_real(value) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def _property_value(value: Any, value_type: str, name: str) -> Any:

@@ -13,7 +13,8 @@ version with its coordinates)::
 A version is addressed by its field and time: there is at most one per (field id, time), and
 it never changes. It is written completely first, then committed by creating its time marker
 create-only (a hard link on a file system, ``pipe_file(mode="create")`` on fsspec); a version
-without its marker is never listed or handed out. Putting the same values for a time again
+without its marker is never listed or handed out; the latest version is the highest
+``vNNNNNN`` whose marker commits it. Putting the same values for a time again
 returns the committed version; other values for it raise :class:`VersionConflictError`.
 
 Version numbers are taken exclusively too: on a file system a version is written under
@@ -29,7 +30,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -44,7 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from gridcouple.appkit.data import FIELD_ID_PATTERN, Field, Mesh, StructuredMesh, UnstructuredMesh
+from gridcouple.appkit.data import (
+    FIELD_ID_PATTERN,
+    Field,
+    Mesh,
+    StructuredMesh,
+    UnstructuredMesh,
+    is_finite_real,
+)
 
 CHUNK_BYTES = 8 * 1024 * 1024
 IO_THREADS = 4
@@ -52,8 +59,8 @@ _VERSION_PREFIX = "v"
 _STAGING = ".staging"
 _MESHES = "meshes"
 _TIMES = "times"
-# fsspec's create-only write checks and writes in two steps on some file systems (memory://):
-# within one process, this lock makes it one.
+# On file systems whose create-only write checks, then writes (memory://, fsspec's default
+# pipe_file), this lock makes it one step within one process; see _needs_create_lock.
 _CREATE_LOCK = threading.Lock()
 
 
@@ -75,8 +82,7 @@ def _version_name(version: int) -> str:
 
 def _time_key(time: Any, field_id: str) -> str:
     """The name of a time's marker: the shortest repr of the float (-0.0 is 0.0)."""
-    if isinstance(time, bool) or not isinstance(time, int | float | np.integer | np.floating) \
-            or not math.isfinite(time):
+    if not is_finite_real(time):
         raise ValueError(f"field {field_id!r}: a stored version is addressed by its time, which "
                          f"must be a finite number, got {time!r}")
     return repr(float(time) + 0.0)
@@ -183,8 +189,9 @@ class FieldStore:
         self.local = _is_local(text)
         self.url = str(_local_path(text)) if self.local else text
         self.chunk_bytes = chunk_bytes
+        self._groups: set[str] = set()  # the groups this store has made or found
         if self.local:
-            _ensure_groups(self.url, _STAGING)  # a group, so zarr sees no stray folder
+            self._ensure_groups_once(_STAGING)  # a group, so zarr sees no stray folder
 
     def __repr__(self) -> str:
         return f"FieldStore({self.url!r})"
@@ -206,7 +213,7 @@ class FieldStore:
         mesh = self._store_mesh(field.mesh)
         chunks = _chunks_for(values.shape, values.dtype.itemsize, self.chunk_bytes)
         attributes = {**field.describe(), "mesh": mesh}
-        _ensure_groups(self.url, f"{field_id}/{_TIMES}")
+        self._ensure_groups_once(f"{field_id}/{_TIMES}")
         if self.local:
             staging = _local_path(self.url) / _STAGING / uuid.uuid4().hex
             _write_version(str(staging), field, values, chunks, attributes)
@@ -250,23 +257,27 @@ class FieldStore:
 
     def _next_version(self, field_id: str) -> int:
         """One more than any version name present, committed or not."""
-        taken = [int(name[1:]) for name in _list_dir(self.url, field_id)
-                 if name.startswith(_VERSION_PREFIX) and name[1:].isdigit()]
-        return max(taken, default=0) + 1
+        return max(self._version_numbers(field_id), default=0) + 1
+
+    def _version_numbers(self, field_id: str) -> list[int]:
+        """The numbers of the version names present, committed or not, in no order."""
+        return [int(name[1:]) for name in _list_dir(self.url, field_id)
+                if name.startswith(_VERSION_PREFIX) and name[1:].isdigit()]
 
     def _same_or_conflict(self, field: Field, values: np.ndarray,
                           marker: Mapping[str, Any]) -> FieldRef:
         """The committed version ``marker`` names if it holds ``field``; else the conflict."""
-        ref = self.ref(field.field_id, marker["version"])
+        version = marker["version"]
+        attributes = self._committed(field.field_id, version)
+        if attributes is None:
+            raise KeyError(f"{self}: field {field.field_id!r} has no committed version {version}")
+        ref = self._ref(field.field_id, version, attributes)
         mesh = (field.mesh.to_wire() if isinstance(field.mesh, StructuredMesh)
                 else {"kind": "stored", "path": _mesh_path(field.mesh)})
         ours = _jsonable({**field.describe(), "mesh": mesh, "shape": values.shape,
                           "dtype": values.dtype.str})
-        theirs = _jsonable({"field_id": ref.field_id, "value_type": ref.value_type,
-                            "units": ref.units, "time": ref.time, "location": ref.location,
-                            "metadata": ref.metadata, "mesh": ref.mesh, "shape": ref.shape,
-                            "dtype": ref.dtype})
-        differs = [key for key in ours if ours[key] != theirs[key]]
+        theirs = _jsonable({**attributes, "shape": ref.shape, "dtype": ref.dtype})
+        differs = [key for key in ours if ours[key] != theirs.get(key)]
         if not differs:
             stored = ref.open()
             nan = values.dtype.kind in "fc"
@@ -290,7 +301,7 @@ class FieldStore:
             if not final.exists():
                 staging = _local_path(self.url) / _STAGING / uuid.uuid4().hex
                 _write_mesh(str(staging), mesh)
-                _ensure_groups(self.url, _MESHES)
+                self._ensure_groups_once(_MESHES)
                 try:
                     os.rename(staging, final)
                 except OSError:  # written meanwhile by someone else: the same content
@@ -316,14 +327,15 @@ class FieldStore:
         return dict(sorted(found.items()))
 
     def versions(self, field_id: str) -> list[int]:
-        """The committed versions of ``field_id``, oldest first."""
+        """The committed versions of ``field_id``, oldest first (reads every marker, as
+        :meth:`times`)."""
         return sorted(self.times(field_id).values())
 
     def field_ids(self) -> list[str]:
-        """The field ids with at least one version."""
+        """The field ids with at least one committed version."""
         return sorted(name for name in _list_dir(self.url, "")
                       if FIELD_ID_PATTERN.fullmatch(name) and name != _MESHES
-                      and self.versions(name))
+                      and self._latest(name) is not None)
 
     def ref(self, field_id: str, version: int | None = None, *,
             time: float | None = None) -> FieldRef:
@@ -332,21 +344,43 @@ class FieldStore:
         _check_field_id(field_id)
         if time is not None:
             if version is not None:
-                raise ValueError("ref: give a version or a time, not both")
+                raise ValueError(f"{self}: field {field_id!r}: ref: give a version or a time, "
+                                 "not both")
             marker = self._marker(field_id, _time_key(time, field_id))
             if marker is None:
                 raise KeyError(f"{self}: field {field_id!r} has no version at time {time!r}")
             version = marker["version"]
-        elif version is None:
-            versions = self.versions(field_id)
-            if not versions:
+        if version is None:
+            latest = self._latest(field_id)
+            if latest is None:
                 raise KeyError(f"{self}: no version of field {field_id!r}")
-            version = versions[-1]
+            version, attributes = latest
+        else:
+            found = self._committed(field_id, version)
+            if found is None:
+                raise KeyError(f"{self}: field {field_id!r} has no committed version {version}")
+            attributes = found
+        return self._ref(field_id, version, attributes)
+
+    def _latest(self, field_id: str) -> tuple[int, dict[str, Any]] | None:
+        """The newest committed version of ``field_id`` and its attributes, or None: the
+        version names from the highest down, until one's commit checks out (normally the
+        first)."""
+        for version in sorted(self._version_numbers(field_id), reverse=True):
+            attributes = self._committed(field_id, version)
+            if attributes is not None:
+                return version, attributes
+        return None
+
+    def _committed(self, field_id: str, version: int) -> dict[str, Any] | None:
+        """The attributes of version ``version`` if its time's marker commits it, else None."""
         attributes = self._attributes_at(f"{field_id}/{_version_name(version)}/zarr.json")
         marker = (self._marker(field_id, _time_key(attributes["time"], field_id))
                   if "time" in attributes else None)
-        if marker is None or marker["version"] != version:
-            raise KeyError(f"{self}: field {field_id!r} has no committed version {version}")
+        return attributes if marker is not None and marker["version"] == version else None
+
+    def _ref(self, field_id: str, version: int, attributes: Mapping[str, Any]) -> FieldRef:
+        """The reference to a committed version with these attributes."""
         array = _read_json(self.url, f"{field_id}/{_version_name(version)}/{field_id}/zarr.json")
         return FieldRef(
             self.url, field_id, version, tuple(array["shape"]),
@@ -387,6 +421,13 @@ class FieldStore:
         except (FileNotFoundError, NotADirectoryError):
             return {}
         return meta.get("attributes", {}).get("gridcouple", {})
+
+    def _ensure_groups_once(self, path: str) -> None:
+        """:func:`_ensure_groups` once per path and FieldStore (the store never deletes a group
+        it made: prune removes versions and markers only)."""
+        if path not in self._groups:
+            _ensure_groups(self.url, path)
+            self._groups.add(path)
 
     def _path(self, path: str) -> str:
         return f"{self.url.rstrip('/')}/{path}"
@@ -541,12 +582,22 @@ def _create_exclusive(url: str, path: str, data: bytes) -> bool:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
-    with _CREATE_LOCK:
+    with _CREATE_LOCK if _needs_create_lock(fs) else contextlib.nullcontext():
         try:
             fs.pipe_file(f"{root.rstrip('/')}/{path}", data, mode="create")
         except FileExistsError:
             return False
     return True
+
+
+def _needs_create_lock(fs: Any) -> bool:
+    """Whether ``fs``'s create-only write checks, then writes: memory://, and any file system
+    that keeps fsspec's default ``pipe_file``."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.spec import AbstractFileSystem
+
+    return isinstance(fs, MemoryFileSystem) or getattr(
+        fs.pipe_file, "__func__", None) is AbstractFileSystem.pipe_file
 
 
 def _remove(url: str, path: str) -> None:
