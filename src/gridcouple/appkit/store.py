@@ -267,10 +267,8 @@ class FieldStore:
     def _same_or_conflict(self, field: Field, values: np.ndarray,
                           marker: Mapping[str, Any]) -> FieldRef:
         """The committed version ``marker`` names if it holds ``field``; else the conflict."""
-        version = marker["version"]
-        attributes = self._committed(field.field_id, version)
-        if attributes is None:
-            raise KeyError(f"{self}: field {field.field_id!r} has no committed version {version}")
+        version = marker["version"]  # the marker commits it
+        attributes = self._attributes_at(f"{field.field_id}/{_version_name(version)}/zarr.json")
         ref = self._ref(field.field_id, version, attributes)
         mesh = (field.mesh.to_wire() if isinstance(field.mesh, StructuredMesh)
                 else {"kind": "stored", "path": _mesh_path(field.mesh)})
@@ -349,8 +347,9 @@ class FieldStore:
             marker = self._marker(field_id, _time_key(time, field_id))
             if marker is None:
                 raise KeyError(f"{self}: field {field_id!r} has no version at time {time!r}")
-            version = marker["version"]
-        if version is None:
+            version = marker["version"]  # the marker commits it: no second look at it
+            attributes = self._attributes_at(f"{field_id}/{_version_name(version)}/zarr.json")
+        elif version is None:
             latest = self._latest(field_id)
             if latest is None:
                 raise KeyError(f"{self}: no version of field {field_id!r}")
