@@ -376,10 +376,10 @@ def test_a_second_journal_in_one_process_keeps_the_first_ones_locks(state_dir):
     """Opening a journal must not drop another connection's POSIX locks (closing any
     descriptor of the file would): otherwise another process, closing last as it thinks,
     removes the write-ahead log under our feet and our later writes are lost."""
-    from gridcouple.scheduler.journal import Journal
+    from gridcouple.journal import Journal
 
     path = state_dir / "journal.sqlite"
-    count = f"from gridcouple.scheduler.journal import Journal; j = Journal({str(path)!r})"
+    count = f"from gridcouple.journal import Journal; j = Journal({str(path)!r})"
     first = Journal(path)
     try:
         first.add("local", [JobSpec(argv=("true",))])

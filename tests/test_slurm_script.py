@@ -7,6 +7,8 @@ import subprocess
 import textwrap
 
 import pytest
+from gridcouple.backends.batch.script import parse_exit_record, render_script, task_line
+from gridcouple.backends.slurm import SlurmBackend
 
 from gridcouple.backends.slurm import SlurmOptions
 from gridcouple.backends.slurm.backend import (
@@ -15,11 +17,6 @@ from gridcouple.backends.slurm.backend import (
     parse_sacct,
     parse_squeue,
     sbatch_options,
-)
-from gridcouple.backends.slurm.script import (
-    parse_exit_record,
-    render_batch_script,
-    render_job_script,
 )
 from gridcouple.backends.slurm.states import (
     SLURM_STATES,
@@ -34,16 +31,22 @@ from gridcouple.jobs import JobSpec, JobState, JobStatus, Resources
 NASTY = "it's $(touch pwned) `id` \"q\" ; & | \\ *\n二"
 
 
+def write_submission(tmp_path, lines: list[str]):
+    """A submission's task file and script, as the Slurm backend writes them."""
+    tasks = tmp_path / "batch.tasks"
+    tasks.write_text("\n".join(lines) + "\n")
+    script = tmp_path / "batch.sh"
+    script.write_text(render_script(tasks=tasks, task_index=SlurmBackend.TASK_INDEX,
+                                    state_dir=tmp_path))
+    return script
+
+
 def run_job_script(spec: JobSpec, tmp_path, workdir=None, output=("stdout", "stderr")):
-    """Render a job's job.sh the way the backend does and run it with bash (no Slurm)."""
+    """Write a one-task submission the way the backend does and run it with bash (no Slurm)."""
     home = tmp_path / "home dir"
-    home.mkdir()
-    if spec.script is not None:
-        (home / "script").write_text(spec.script)
-    script = home / "job.sh"
-    script.write_text(render_job_script(
+    script = write_submission(tmp_path, [task_line(
         spec, job_id=7, home=home, workdir=workdir or home, stdout=home / output[0],
-        stderr=home / output[1], state_dir=tmp_path))
+        stderr=home / output[1])])
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
     return proc, home
 
@@ -77,20 +80,20 @@ def test_missing_working_directory_fails_with_a_message(tmp_path):
 
 def test_bad_environment_name_is_refused(tmp_path):
     with pytest.raises(BackendError, match="environment variable name 'A-B'"):
-        render_job_script(JobSpec(argv=("true",), environment={"A-B": "1"}), job_id=1,
-                          home=tmp_path, workdir=tmp_path, stdout=tmp_path / "o",
-                          stderr=tmp_path / "e", state_dir=tmp_path)
+        task_line(JobSpec(argv=("true",), environment={"A-B": "1"}), job_id=1,
+                  home=tmp_path, workdir=tmp_path, stdout=tmp_path / "o", stderr=tmp_path / "e")
 
 
 def test_batch_script_maps_array_tasks_to_journal_ids(tmp_path):
     root = tmp_path / "jobs root"
-    for job_id in (4, 9):
-        (root / str(job_id)).mkdir(parents=True)
-        (root / str(job_id) / "job.sh").write_text(f"echo job {job_id}\n")
-    script = tmp_path / "batch.sh"
-    script.write_text(render_batch_script([4, 9], root))
-    outputs = [subprocess.run(["bash", str(script)], capture_output=True, text=True,
-                              env={"SLURM_ARRAY_TASK_ID": task}).stdout for task in ("0", "1")]
+    lines = [task_line(JobSpec(argv=("echo", f"job {job_id}")), job_id=job_id,
+                       home=root / str(job_id), workdir=tmp_path,
+                       stdout=root / str(job_id) / "stdout", stderr=root / str(job_id) / "stderr")
+             for job_id in (4, 9)]
+    script = write_submission(tmp_path, lines)
+    for task in ("0", "1"):
+        subprocess.run(["bash", str(script)], env={"SLURM_ARRAY_TASK_ID": task}, check=True)
+    outputs = [(root / str(job_id) / "stdout").read_text() for job_id in (4, 9)]
     assert outputs == ["job 4\n", "job 9\n"]
 
 

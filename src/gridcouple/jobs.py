@@ -21,7 +21,9 @@ class JobState(enum.Enum):
     """Where a job is in its life. ``order`` grows along the normal path; final states end it.
 
     A job may move back from ACTIVE to QUEUED when the batch system requeues it (Slurm REQUEUED,
-    an HTCondor eviction); every other move goes forward in ``order``.
+    an HTCondor eviction): such a status says so with ``JobStatus.requeue``. Every other move
+    goes forward in ``order`` or stays at the same order (QUEUED <-> HELD, ACTIVE <->
+    SUSPENDED), and nothing leaves a final state. The journal enforces this on every write.
     """
 
     NEW = "new"  # recorded, not yet accepted by the batch system
@@ -43,6 +45,15 @@ class JobState(enum.Enum):
     def is_final(self) -> bool:
         """True once the job has ended and its state can no longer change."""
         return _ORDER[self] == 3
+
+    def may_become(self, new: JobState, *, requeue: bool = False) -> bool:
+        """Whether a job in this state may be recorded in ``new``: never out of a final state,
+        backwards only as an explicit requeue (to a waiting state)."""
+        if self.is_final:
+            return new is self
+        if new.order < self.order:
+            return requeue and new.order == 1
+        return True
 
     def __str__(self) -> str:
         return self.value.upper()
@@ -98,7 +109,8 @@ class JobSpec:
 
     ``attributes`` pass through to one backend, keyed ``"<backend>.<name>"``, e.g.
     ``{"slurm.partition": "debug", "htcondor.requirements": "Memory > 1024"}``.
-    ``estimate`` is the expected run time in seconds, used by schedulers and the simulator.
+    ``estimate`` is the expected run time in seconds; :attr:`expected_runtime` is what the
+    live queues and the simulator both read.
     """
 
     argv: tuple[str, ...] = ()
@@ -127,6 +139,12 @@ class JobSpec:
         for key in self.attributes:
             if "." not in key:
                 raise ValueError(f"JobSpec.attributes key {key!r} must be '<backend>.<name>'")
+
+    @property
+    def expected_runtime(self) -> float | None:
+        """The run time schedulers plan with, one rule everywhere: the estimate when given (0
+        means 0 s), else the walltime, else None (unknown)."""
+        return self.estimate if self.estimate is not None else self.resources.walltime
 
     def attributes_for(self, backend: str) -> dict[str, Any]:
         """The attributes meant for ``backend``, with the prefix removed."""
@@ -167,6 +185,7 @@ class JobStatus:
     end_time: float | None = None
     host: str = ""
     observed: float = field(default_factory=time.time)
+    requeue: bool = False  # the batch system put a started job back in the queue
 
     def describe(self) -> str:
         """One line for people: ``FAILED (exit code 3)``, ``QUEUED: PENDING (Resources)``."""

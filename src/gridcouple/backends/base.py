@@ -1,16 +1,18 @@
-"""The Backend protocol every batch system implements, and the helpers they share.
+"""The Backend protocol every batch system and site implements.
 
 A backend is written for real batch systems, not only for processes: ``submit`` takes many
 specs in one call, ``status`` answers for many jobs with one native query, and ``wait`` /
-``events`` are built here once on top of ``status`` with backoff (one watcher, like submitit).
-Every job is in the journal before ``submit`` returns.
+``events`` are built here once on top of ``status`` with backoff. Every job is in the journal
+before ``submit`` returns. Batch systems driven by commands or bindings (Slurm, HTCondor, PBS)
+build on :mod:`gridcouple.backends.batch`, which adds the shared submit skeleton, job script and
+status watcher.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 from gridcouple.errors import BackendError, QueryUnavailableError
 from gridcouple.jobs import Job, JobEvent, JobSpec, JobState, JobStatus
-from gridcouple.scheduler.journal import JobRecord, Journal
+from gridcouple.journal import JobRecord, Journal
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +43,29 @@ class Backoff:
 
 
 class Backend(abc.ABC):
-    """One batch system. Subclasses implement ``submit``, ``query`` and ``cancel``.
+    """One batch system, or one site. Subclasses implement ``submit``, ``query``,
+    ``cancel_now``, ``read_output`` and ``fetch``; everything else is shared here.
 
-    ``Options`` is the dataclass validated from the ``[backend.NAME]`` config table.
+    ``kind`` names the implementation (``"slurm"``); ``name`` names this instance, as
+    configured (a ``[backend.NAME]`` table, ``kind`` by default): journal records carry it, so
+    two sites of one kind keep their jobs apart. ``Options`` is the dataclass validated from the
+    instance's config table. Nothing here assumes a job's files are local paths: a backend on a
+    file system the jobs share gets its file operations from
+    :class:`gridcouple.backends.shared_fs.SharedFileSystem`; a remote one implements them over
+    its own protocol.
     """
 
-    name: ClassVar[str]
+    kind: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     backoff: ClassVar[Backoff] = Backoff()
     single_host: ClassVar[bool] = False  # True: every job runs on the submitting machine
+    hosts_applications: ClassVar[bool] = True  # False: nothing really runs (a simulator)
 
-    def __init__(self, options: Any, *, state_dir: Path, journal: Journal | None = None) -> None:
+    def __init__(self, options: Any, *, state_dir: Path, journal: Journal | None = None,
+                 name: str | None = None, python: str | None = None) -> None:
         self.options = options
+        self.name = name or self.kind
+        self.python = python or sys.executable  # the interpreter application servers run with
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._own_journal = journal is None
@@ -75,6 +88,16 @@ class Backend(abc.ABC):
     def cancel_now(self, jobs: Sequence[Job]) -> None:
         """Cancel jobs at once: waiting jobs leave the queue, running jobs are stopped."""
 
+    @abc.abstractmethod
+    def read_output(self, job: Job, stream: Literal["stdout", "stderr"] = "stdout",
+                    tail: int | None = None) -> str:
+        """The text a job wrote to stdout or stderr so far (the last ``tail`` lines); "" when
+        it has written nothing yet."""
+
+    @abc.abstractmethod
+    def fetch(self, job: Job, destination: str | Path) -> list[Path]:
+        """Copy the job's stage-out files to ``destination`` (here); returns the copied paths."""
+
     def send_signal(self, jobs: Sequence[Job], signal: str) -> None:
         """Send ``signal`` (a name such as ``"USR1"``) to every process of the running jobs."""
         raise BackendError(f"the {self.name} backend cannot signal jobs")
@@ -86,6 +109,18 @@ class Backend(abc.ABC):
     def release(self, jobs: Sequence[Job]) -> None:
         """Let held jobs start again."""
         raise BackendError(f"the {self.name} backend cannot release jobs")
+
+    @property
+    def end_grace(self) -> float:
+        """Seconds a canceled running job may take to end (its SIGTERM-to-SIGKILL grace plus the
+        batch system's own delay); the coupler waits this long after cancelling."""
+        return 10.0
+
+    def field_store_base(self) -> str | None:
+        """A directory of this machine under which application servers of this backend can
+        keep field versions that every other application of a session reads; None when there
+        is no such place (the coupler then needs ``[coupler] field_store``)."""
+        return None
 
     def close(self) -> None:
         """Release client resources; submitted jobs go on running."""
@@ -107,12 +142,24 @@ class Backend(abc.ABC):
         """Statuses in the order of ``jobs``; final ones come from the journal unqueried."""
         records = self.journal.get(job.id for job in jobs)
         pending = [r for r in records if not r.status.state.is_final]
-        fresh = self.query(pending) if pending else {}
-        changes = [(r.job.id, fresh[r.job.id]) for r in pending
+        self.record(pending, self.query(pending) if pending else {})
+        return [r.status for r in self.journal.get(job.id for job in jobs)]
+
+    def record(self, records: Sequence[JobRecord], fresh: dict[int, JobStatus]) -> bool:
+        """Write the statuses of a query that differ from the records into the journal (which
+        keeps the state order: a stale status does not overwrite a newer one); True when a
+        state changed."""
+        changes = [(r.job.id, fresh[r.job.id]) for r in records
                    if r.job.id in fresh and _differs(r.status, fresh[r.job.id])]
-        if changes:
-            self.journal.update(changes)
-        return [fresh.get(r.job.id, r.status) for r in records]
+        if not changes:
+            return False
+        states = {r.job.id: r.status.state for r in records}
+        changed = self.journal.update(changes)
+        return any(fresh[i].state is not states[i] for i in changed)
+
+    def stderr_tail(self, job: Job, lines: int = 20) -> str:
+        """The last ``lines`` lines of a job's stderr, for error messages."""
+        return self.read_output(job, "stderr", tail=lines)
 
     def events(self, jobs: Sequence[Job], *, timeout: float | None = None) -> Iterator[JobEvent]:
         """Yield every observed change of state until all jobs are final or ``timeout`` passes.
@@ -144,10 +191,16 @@ class Backend(abc.ABC):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 return
-            interval = self.backoff.first if changed else min(interval * self.backoff.factor,
-                                                              self.backoff.most)
+            interval = self.next_poll(interval, changed)
             pause = interval if deadline is None else min(interval, deadline - time.monotonic())
             time.sleep(max(pause, 0.0))
+
+    def next_poll(self, interval: float, changed: bool) -> float:
+        """Seconds until ``events`` looks again, after a look that took ``interval`` and did
+        (or did not) see a change: backoff, reset by a change."""
+        if changed:
+            return self.backoff.first
+        return min(interval * self.backoff.factor, self.backoff.most)
 
     def wait(self, jobs: Sequence[Job], *, until: Literal["all", "any"] = "all",
              timeout: float | None = None) -> list[JobStatus]:
@@ -174,81 +227,11 @@ class Backend(abc.ABC):
                                f"{self.journal.path}")
         return record.job
 
-    # --- files ----------------------------------------------------------------------------
-
-    def job_home(self, job_id: int) -> Path:
-        """Where a job's stdout, stderr and bookkeeping live: ``state_dir/jobs/ID``."""
-        return job_home(self.state_dir, job_id)
-
-    def output_path(self, job: Job, stream: Literal["stdout", "stderr"]) -> Path:
-        """The file a job's stdout or stderr goes to."""
-        return output_file(job.spec, self.job_home(job.id), stream)
-
-    def read_output(self, job: Job, stream: Literal["stdout", "stderr"] = "stdout",
-                    tail: int | None = None) -> str:
-        """The text a job wrote to stdout or stderr so far (the last ``tail`` lines)."""
-        path = self.output_path(job, stream)
-        try:
-            text = path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "".join(text.splitlines(keepends=True)[-tail:]) if tail else text
-
-    def stage_in(self, spec: JobSpec, home: Path) -> None:
-        """Create the job's home and copy its input files into its working directory."""
-        home.mkdir(parents=True, exist_ok=True)
-        workdir = working_directory(spec, home)
-        for staged in spec.stage_in:
-            target = workdir / staged.target
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                copy = shutil.copytree if Path(staged.source).is_dir() else shutil.copy2
-                copy(staged.source, target)
-            except OSError as exc:
-                raise BackendError(f"job {spec.name}: cannot stage in {staged.source}: "
-                                   f"{exc.strerror or exc}") from exc
-
-    def fetch(self, job: Job, destination: str | Path) -> list[Path]:
-        """Copy the job's stage-out files to ``destination``; returns the copied paths."""
-        workdir = working_directory(job.spec, self.job_home(job.id))
-        destination = Path(destination)
-        copied = []
-        for staged in job.spec.stage_out:
-            source, target = workdir / staged.source, destination / staged.target
-            if not source.exists():
-                raise BackendError(f"job {job.id}: output {staged.source} was not produced "
-                                   f"(looked in {workdir})")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            copy = shutil.copytree if source.is_dir() else shutil.copy2
-            copy(source, target)
-            copied.append(target)
-        return copied
-
     def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def job_home(state_dir: Path, job_id: int) -> Path:
-    """A job's home below a state directory: ``state_dir/jobs/ID``."""
-    return Path(state_dir) / "jobs" / str(job_id)
-
-
-def working_directory(spec: JobSpec, home: Path) -> Path:
-    """Where a job runs: its own ``directory`` or else its home."""
-    return Path(spec.directory).expanduser() if spec.directory else home
-
-
-def output_file(spec: JobSpec, home: Path, stream: Literal["stdout", "stderr"]) -> Path:
-    """The file a job's stdout or stderr goes to: as the spec says (relative paths from its
-    working directory), else ``home/stdout`` and ``home/stderr``."""
-    chosen = getattr(spec, stream)
-    if chosen is None:
-        return home / stream
-    path = Path(chosen)
-    return path if path.is_absolute() else working_directory(spec, home) / path
 
 
 def _differs(old: JobStatus, new: JobStatus) -> bool:

@@ -30,12 +30,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 from gridcouple.backends.base import Backend
 from gridcouple.errors import BackendError, OptionError
 from gridcouple.jobs import Job, JobEvent, JobSpec, JobState, JobStatus
+from gridcouple.journal import JobRecord
 from gridcouple.scheduler.engine import Machine, SimJob, SimState, Simulator, Worker
-from gridcouple.scheduler.journal import JobRecord
 from gridcouple.scheduler.policies import INFINITY, check_policy, make_policy
 
 STATES = {
@@ -99,10 +101,11 @@ def load_cost(reference: str) -> CostFunction:
 class SimGridBackend(Backend):
     """Jobs in simulated time (see the module docstring)."""
 
-    name = "simgrid"
+    kind = "simgrid"
     Options = SimGridOptions
+    hosts_applications = False
 
-    def __init__(self, options: SimGridOptions, **kwargs) -> None:
+    def __init__(self, options: SimGridOptions, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
         try:
             machine = options.machine()
@@ -136,7 +139,7 @@ class SimGridBackend(Backend):
             if spec.resources.cpus > self.simulator.capacity:
                 raise BackendError(f"job {spec.name} asks for {spec.resources.cpus} processors; "
                                    f"the simulated machine has {self.simulator.capacity}")
-            told = spec.estimate if spec.estimate is not None else spec.resources.walltime
+            told = spec.expected_runtime
             sim_jobs.append(SimJob(
                 submit=self.now, procs=spec.resources.cpus,
                 estimate=INFINITY if told is None else told, work=spec.estimate or 0.0,
@@ -203,6 +206,16 @@ class SimGridBackend(Backend):
                     return
         finally:
             self._horizon = INFINITY
+
+    def read_output(self, job: Job, stream: Literal["stdout", "stderr"] = "stdout",
+                    tail: int | None = None) -> str:
+        """Nothing runs, so nothing is written."""
+        return ""
+
+    def fetch(self, job: Job, destination: str | Path) -> list[Path]:
+        """Nothing runs, so nothing is produced."""
+        raise BackendError(f"job {job.id}: the simgrid backend runs nothing, so it has no "
+                           "output files to fetch")
 
     def run_until(self, when: float = INFINITY) -> None:
         """Move the clock to ``when`` (simulated seconds; default: until nothing is left)."""

@@ -31,7 +31,7 @@ from gridcouple.jobs import (
     parse_duration,
     parse_memory,
 )
-from gridcouple.scheduler.journal import JobRecord, Journal
+from gridcouple.journal import JobRecord, Journal
 
 T = TypeVar("T")
 console = Console()

@@ -21,11 +21,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from gridcouple.backends.base import Backend, Backoff
+from gridcouple.backends.shared_fs import SharedFileSystem
 from gridcouple.errors import BackendError, OptionError
 from gridcouple.jobs import Job, JobEvent, JobSpec, JobState, JobStatus
-from gridcouple.scheduler.journal import JobRecord
+from gridcouple.journal import JobRecord
 from gridcouple.scheduler.policies import check_policy
 
 WAITING = (JobState.NEW, JobState.QUEUED, JobState.HELD)
@@ -54,10 +56,12 @@ class LocalOptions:
         return self.slots or os.cpu_count() or 1
 
 
-def daemon_address(state_dir: Path) -> str:
+def daemon_address(state_dir: Path, name: str = "local") -> str:
     """The daemon's socket: in Linux's abstract namespace (no path-length limit, no file left
-    behind), named after the state directory. The daemon checks each peer's uid."""
-    return "\0gridcouple-local:" + str(Path(state_dir).resolve())
+    behind), named after the state directory and the backend's name. The daemon checks each
+    peer's uid."""
+    suffix = "" if name == "local" else f"#{name}"
+    return "\0gridcouple-local:" + str(Path(state_dir).resolve()) + suffix
 
 
 def process_start(pid: int) -> int | None:
@@ -77,17 +81,26 @@ def environment_file(state_dir: Path, name: str) -> Path:
     return Path(state_dir) / "environments" / f"{name}.json"
 
 
-class LocalBackend(Backend):
+class LocalBackend(SharedFileSystem, Backend):
     """Processes on this machine behind a slot-limited queue (see the module docstring)."""
 
-    name = "local"
+    kind = "local"
     Options = LocalOptions
     single_host = True
     backoff = Backoff(first=0.01, most=0.25)
 
-    def __init__(self, options: LocalOptions | None = None, **kwargs) -> None:
+    def __init__(self, options: LocalOptions | None = None, **kwargs: Any) -> None:
         super().__init__(options or LocalOptions(), **kwargs)
         self._daemon_checked = 0.0
+
+    @property
+    def end_grace(self) -> float:
+        """The grace period between SIGTERM and SIGKILL, and a margin."""
+        return self.options.grace_period + 10.0
+
+    def field_store_base(self) -> str | None:
+        """Memory (/dev/shm): every job runs on this machine."""
+        return "/dev/shm" if os.path.isdir("/dev/shm") else str(self.state_dir / "fields")
 
     def submit(self, specs: Sequence[JobSpec]) -> list[Job]:
         """Record the jobs, stage their inputs, queue them and wake the daemon."""
@@ -240,7 +253,7 @@ class LocalBackend(Backend):
         with open(log, "ab") as out:
             subprocess.Popen(
                 [sys.executable, "-m", "gridcouple.backends.local.daemon", str(self.state_dir),
-                 json.dumps(asdict(self.options))],
+                 json.dumps(asdict(self.options)), self.name],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                 close_fds=True,
             )
@@ -256,7 +269,7 @@ class LocalBackend(Backend):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5.0)
             try:
-                sock.connect(daemon_address(self.state_dir))
+                sock.connect(daemon_address(self.state_dir, self.name))
                 sock.sendall(json.dumps(message).encode() + b"\n")
             except (ConnectionRefusedError, FileNotFoundError):
                 return False

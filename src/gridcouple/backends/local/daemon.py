@@ -28,16 +28,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gridcouple.backends.base import job_home, output_file, working_directory
 from gridcouple.backends.local.backend import (
     LocalOptions,
     daemon_address,
     environment_file,
     process_start,
 )
+from gridcouple.backends.shared_fs import job_home, output_file, working_directory
 from gridcouple.errors import ConfigError
 from gridcouple.jobs import JobSpec, JobState, JobStatus
-from gridcouple.scheduler.journal import Journal
+from gridcouple.journal import Journal
 from gridcouple.scheduler.policies import RunningJob, WaitingJob, make_policy
 
 log = logging.getLogger("gridcouple.local.daemon")
@@ -68,8 +68,9 @@ class RunningProcess:
 class Daemon:
     """The queue of one state directory (see the module docstring)."""
 
-    def __init__(self, state_dir: Path, options: LocalOptions) -> None:
+    def __init__(self, state_dir: Path, options: LocalOptions, name: str = "local") -> None:
         self.state_dir = state_dir
+        self.name = name  # the backend's name: its jobs in the journal
         self.journal = Journal(state_dir / "journal.sqlite")
         self.host = socket.gethostname()
         self.options = options
@@ -92,7 +93,7 @@ class Daemon:
         """Run until idle for ``idle_exit`` seconds or asked to stop; 0 if another daemon runs."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(daemon_address(self.state_dir))
+            listener.bind(daemon_address(self.state_dir, self.name))
         except OSError:
             log.info("another daemon already serves %s", self.state_dir)
             return 0
@@ -206,7 +207,7 @@ class Daemon:
         self.needs_sync = False
         self.last_sync = time.monotonic()
         queued = set()
-        for job_id, state, cancel_requested in self.journal.live_states("local"):
+        for job_id, state, cancel_requested in self.journal.live_states(self.name):
             if state is JobState.QUEUED:
                 queued.add(job_id)
             elif job_id in self.running and cancel_requested:
@@ -224,7 +225,7 @@ class Daemon:
             self.waiting[record.job.id] = WaitingJob(
                 key=record.job.id, procs=spec.resources.cpus,
                 submit_time=record.status.submit_time or time.time(),
-                estimate=spec.estimate or spec.resources.walltime)
+                estimate=spec.expected_runtime)
         if out_of_order:
             self.waiting = dict(sorted(self.waiting.items()))
 
@@ -290,7 +291,7 @@ class Daemon:
         walltime = spec.resources.walltime
         self.running[job_id] = RunningProcess(
             job_id=job_id, pid=process.pid, procs=spec.resources.cpus, start_time=now,
-            estimate=spec.estimate or walltime, deadline=now + walltime if walltime else None,
+            estimate=spec.expected_runtime, deadline=now + walltime if walltime else None,
             memory_mb=spec.resources.memory_mb, process=process)
         self.extra[job_id] = {"pid": process.pid, "proc_start": process_start(process.pid) or 0}
 
@@ -370,7 +371,7 @@ class Daemon:
 
     def _adopt(self) -> None:
         """Take over the jobs an earlier daemon started and left running."""
-        for record in self.journal.records("local", active_only=True):
+        for record in self.journal.records(self.name, active_only=True):
             if record.status.state not in (JobState.ACTIVE, JobState.SUSPENDED):
                 continue
             job_id, spec = record.job.id, record.job.spec
@@ -387,7 +388,7 @@ class Daemon:
             walltime = spec.resources.walltime
             self.running[job_id] = RunningProcess(
                 job_id=job_id, pid=pid, procs=spec.resources.cpus, start_time=start,
-                estimate=spec.estimate or walltime,
+                estimate=spec.expected_runtime,
                 deadline=start + walltime if walltime else None,
                 memory_mb=spec.resources.memory_mb, pidfd=pidfd)
             log.info("adopted job %d (pid %d)", job_id, pid)
@@ -449,13 +450,13 @@ def _drain(fd: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gridcouple.backends.local.daemon STATE_DIR OPTIONS_JSON``."""
+    """``python -m gridcouple.backends.local.daemon STATE_DIR OPTIONS_JSON [NAME]``."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s local-daemon[%(process)d] %(message)s")
     state_dir = Path(args[0]).resolve()
     options = LocalOptions(**json.loads(args[1])) if len(args) > 1 else LocalOptions()
-    return Daemon(state_dir, options).serve()
+    return Daemon(state_dir, options, *args[2:3]).serve()
 
 
 if __name__ == "__main__":

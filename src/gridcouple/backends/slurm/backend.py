@@ -1,48 +1,35 @@
-"""The Slurm backend: drives sbatch, squeue, scontrol and scancel (and sacct when the cluster
-keeps accounting), on Slurm 22.05 and later.
+"""The Slurm backend: what is Slurm on top of the batch core (:mod:`gridcouple.backends.batch`),
+on Slurm 22.05 and later. Its options and sbatch options, its state table
+(:mod:`gridcouple.backends.slurm.states`), and its tools:
 
-- ``submit`` records the jobs (NEW) before sbatch hears of them, writes each job's ``job.sh`` in
-  its home, and sends specs that ask for the same sbatch options as ONE job array (split at the
-  cluster's MaxArraySize). The array's comment names the journal and the batch script, whose
-  ``ids=(...)`` line maps task N to journal id N, so jobs whose submitter died before storing
-  the native ids are found again.
-- ``query`` asks ``squeue`` ONCE for all of the user's jobs; a job that has left squeue is
-  resolved through ``sacct`` when accounting exists, else (no accounting, sacct failing, or no
-  final sacct record yet) through the exit-code file its ``job.sh`` wrote. A failing squeue
-  raises QueryUnavailableError: nothing is concluded.
-- states map through the one table in :mod:`gridcouple.backends.slurm.states`.
+- ``sbatch``: one job array per submission of same-shape jobs (split at the cluster's
+  MaxArraySize); the array's comment carries the submission's tag.
+- ``squeue``: ONE call for all of the user's jobs per poll (``-O`` text, one line per task).
+- ``sacct``: jobs squeue no longer lists, when the cluster keeps accounting; the exit-code
+  files of the core answer when it does not (or sacct fails, or has no final record yet).
+- ``scancel`` and ``scontrol``: cancel, signal, hold, release; ``scontrol show config`` once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
 import shlex
-import subprocess
-import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from gridcouple.backends.base import Backend, Backoff, output_file, working_directory
-from gridcouple.backends.slurm.script import (
-    EXIT_CODE_FILE,
-    JOB_SCRIPT,
-    USER_SCRIPT,
-    parse_exit_record,
-    render_batch_script,
-    render_job_script,
-)
+from gridcouple.backends.base import Backoff
+from gridcouple.backends.batch import BatchBackend, ToolRunner, one_line
 from gridcouple.backends.slurm.states import decode_exit_code, decode_wait_status, slurm_status
-from gridcouple.errors import BackendError, OptionError, QueryUnavailableError
-from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
-from gridcouple.scheduler.journal import JobRecord
+from gridcouple.errors import BackendError, OptionError
+from gridcouple.jobs import JobSpec, JobStatus
+from gridcouple.journal import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +122,7 @@ class SqueueRow(NamedTuple):
     start_time: str
     end_time: str
     host: str
-    comment: str = ""
+    tag: str = ""  # the comment, which carries the submission's tag
 
     def status(self, previous: JobStatus) -> JobStatus:
         """Our status for this row."""
@@ -228,10 +215,6 @@ def _slurm_time(text: str) -> float | None:
         return None
 
 
-def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
 _driver_noted = False
 
 
@@ -245,268 +228,125 @@ def _note_driver() -> None:
         import pyslurm  # noqa: F401
     except Exception as exc:  # an ImportError, or pyslurm refusing this Slurm's version
         log.info("slurm: pyslurm is not usable (%s); driving the Slurm command-line tools",
-                 _one_line(str(exc)) or type(exc).__name__)
+                 one_line(str(exc)) or type(exc).__name__)
     else:
         log.info("slurm: pyslurm imports, but this backend drives the Slurm command-line tools")
 
 
-class SlurmBackend(Backend):
+
+
+class SlurmBackend(BatchBackend):
     """Jobs on a Slurm cluster (see the module docstring). The state directory must be on a
-    file system the compute nodes share: job homes, scripts and exit-code files live there."""
+    file system the compute nodes share: job homes, task files and exit-code files live there."""
 
-    name = "slurm"
+    kind = "slurm"
     Options = SlurmOptions
-    backoff = Backoff(first=0.2, most=5.0)
+    TASK_INDEX = "${SLURM_ARRAY_TASK_ID:-0}"
+    GONE = _GONE
 
-    def __init__(self, options: SlurmOptions | None = None, **kwargs) -> None:
+    def __init__(self, options: SlurmOptions | None = None, **kwargs: Any) -> None:
         super().__init__(options or SlurmOptions(), **kwargs)
         self.backoff = Backoff(first=min(0.2, self.options.poll_interval),
                                most=self.options.poll_interval)
-        self.jobs_root = self.state_dir / "jobs"
-        self.batch_dir = self.state_dir / "slurm"
-        self.journal_key = hashlib.sha1(str(self.journal.path.resolve()).encode()).hexdigest()[:8]
+        self.tools = ToolRunner("Slurm", f"backend.{self.name}", self.options.bin_dir,
+                                self.options.command_timeout)
         _note_driver()
 
-    # --- submit -------------------------------------------------------------------------------
+    # --- the batch core's hooks ---------------------------------------------------------------
 
-    def submit(self, specs: Sequence[JobSpec]) -> list[Job]:
-        """Record the jobs, write their scripts, and send each group of same-shape specs as one
-        job array (one sbatch call per MaxArraySize tasks)."""
-        specs = list(specs)
-        shapes = [sbatch_options(spec, self.options) for spec in specs]
-        if not specs:
-            return []
-        ids = self.journal.add(self.name, specs)
-        try:
-            for job_id, spec in zip(ids, specs, strict=True):
-                self._prepare(job_id, spec)
-        except (BackendError, OSError) as exc:
-            self._mark_unsubmitted(ids, exc)
-            if isinstance(exc, OSError):
-                raise BackendError(f"cannot write the job scripts: {exc}") from exc
-            raise
-        groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        for index, shape in enumerate(shapes):
-            groups[shape].append(index)
-        chunks = []
-        for shape, members in groups.items():
-            size = self.max_array_size if len(members) > 1 else 1
-            chunks += [(shape, members[i : i + size]) for i in range(0, len(members), size)]
-        native: dict[int, str] = {}
-        chunk_ids: list[int] = []
-        try:
-            for shape, members in chunks:
-                chunk_ids = [ids[i] for i in members]
-                names = {specs[i].name for i in members}
-                array_id = self._sbatch(shape, chunk_ids, names.pop() if len(names) == 1
-                                        else "gridcouple")
-                if len(chunk_ids) == 1:
-                    native[chunk_ids[0]] = array_id
-                else:
-                    native.update((job_id, f"{array_id}_{task}")
-                                  for task, job_id in enumerate(chunk_ids))
-        except BackendError as exc:
-            # sbatch that did not answer may have queued the chunk: it stays NEW, and the next
-            # status finds it through its comment (or fails it after a grace period).
-            unsure = set(chunk_ids) if isinstance(exc, QueryUnavailableError) else set()
-            self._mark_unsubmitted([i for i in ids if i not in native and i not in unsure], exc)
-            raise
-        finally:
-            canceled_meanwhile = self._store_native_ids(native)
-        self._scancel_some(native, canceled_meanwhile)
-        return [Job(id=i, backend=self.name, native_id=native[i], spec=s)
-                for i, s in zip(ids, specs, strict=True)]
+    def submission_shape(self, spec: JobSpec) -> tuple[str, ...]:
+        """The sbatch options the job asks for."""
+        return sbatch_options(spec, self.options)
 
-    def _prepare(self, job_id: int, spec: JobSpec) -> None:
-        home = self.job_home(job_id)
-        self.stage_in(spec, home)
-        if spec.script is not None:
-            user_script = home / USER_SCRIPT
-            user_script.write_text(spec.script)
-            user_script.chmod(0o700)
-        text = render_job_script(
-            spec, job_id=job_id, home=home, workdir=working_directory(spec, home),
-            stdout=output_file(spec, home, "stdout"), stderr=output_file(spec, home, "stderr"),
-            state_dir=self.state_dir)
-        (home / JOB_SCRIPT).write_text(text)
-
-    def _sbatch(self, shape: tuple[str, ...], job_ids: list[int], name: str) -> str:
-        """Submit one plain job (one id) or one array; returns Slurm's job id."""
-        self.batch_dir.mkdir(parents=True, exist_ok=True)
-        batch_script = self.batch_dir / f"{job_ids[0]}.sh"
-        batch_script.write_text(render_batch_script(job_ids, self.jobs_root))
-        array = len(job_ids) > 1
-        argv = ["--parsable", f"--job-name={name}", f"--chdir={self.jobs_root}",
-                f"--comment=gridcouple:{self.journal_key}:{job_ids[0]}",
+    def submit_array(self, shape: tuple[str, ...], script: Path, count: int, name: str,
+                     tag: str) -> list[str]:
+        """One sbatch: a plain job (one task) or an array."""
+        array = count > 1
+        argv = ["--parsable", f"--job-name={name}", f"--chdir={self.batch_dir}",
+                f"--comment={tag}",
                 f"--output={self.batch_dir}/{'%A_%a' if array else '%j'}.out", *shape]
         if array:
-            argv.append(f"--array=0-{len(job_ids) - 1}")
-        out = self._run("sbatch", [*argv, str(batch_script)]).stdout.strip()
+            argv.append(f"--array=0-{count - 1}")
+        out = self.tools.run("sbatch", [*argv, str(script)]).stdout.strip()
         array_id = out.split(";")[0]
         if not array_id.isdigit():
             raise BackendError(f"sbatch printed {out!r}, not a job id")
-        return array_id
+        return [f"{array_id}_{task}" for task in range(count)] if array else [array_id]
 
-    def _scancel_some(self, native: dict[int, str], ids: Sequence[int]) -> None:
-        """scancel the jobs ``ids`` of ``native``: those whose cancel was asked for (from any
-        process) while sbatch had them and their native ids were not known."""
-        if ids:
-            self._job_command("scancel", [], [native[i] for i in ids])
-
-    def _store_native_ids(self, native: dict[int, str]) -> list[int]:
-        """Record the native ids; returns the ids whose cancel was requested meanwhile."""
-        if not native:
-            return []
-        return self.journal.set_native_ids(
-            ((i, n, str(self.job_home(i))) for i, n in native.items()), state=JobState.QUEUED)
-
-    def _mark_unsubmitted(self, ids: Sequence[int], exc: Exception) -> None:
-        failed = JobStatus(JobState.FAILED, reason=f"not submitted: {exc}", end_time=time.time())
-        self.journal.update([(i, failed) for i in ids], only_if=[JobState.NEW])
-
-    # --- status -------------------------------------------------------------------------------
-
-    def query(self, records: Sequence[JobRecord]) -> dict[int, JobStatus]:
-        """One squeue for all jobs; jobs it no longer lists are resolved from sacct (with
-        accounting) or their exit-code files."""
-        unsubmitted = [r for r in records if not r.job.native_id]
-        rows = self._squeue(with_comment=bool(unsubmitted))
-        native = {r.job.id: r.job.native_id for r in records if r.job.native_id}
-        found = self._find_unsubmitted(unsubmitted, rows) if unsubmitted else {}
-        native.update(found)
-        result: dict[int, JobStatus] = {}
-        gone: list[JobRecord] = []
-        for record in records:
-            row = rows.get(native.get(record.job.id, ""))
-            if row is not None:
-                result[record.job.id] = row.status(record.status)
-            elif record.job.id in native or time.time() - (
-                    record.status.submit_time or 0) > 2 * self.options.command_timeout:
-                gone.append(record)  # a NEW job without native id may still be in sbatch
-        unknown = _GONE
-        if gone and self.accounting:
-            try:
-                result.update(self._sacct(gone, native))
-                unknown = f"{_GONE}, no final record in sacct"
-            except BackendError as exc:  # slurmdbd down: the exit-code files still answer
-                log.warning("slurm: jobs squeue no longer lists are resolved from their "
-                            "exit-code files: %s", exc)
-                unknown = f"{_GONE}, sacct failed"
-            gone = [r for r in gone if r.job.id not in result]
-        result.update((r.job.id, self._from_exit_file(r, unknown)) for r in gone)
-        return result
-
-    def _squeue(self, with_comment: bool) -> dict[str, SqueueRow]:
-        fields = [*_SQUEUE_FIELDS, *(["Comment"] if with_comment else [])]
+    def list_jobs(self, with_tags: bool) -> Mapping[str, SqueueRow]:
+        """One squeue for all of the user's jobs (the comment only when tags are wanted)."""
+        fields = [*_SQUEUE_FIELDS, *(["Comment"] if with_tags else [])]
         form = ",".join(f"{name}:|" for name in fields[:-1]) + f",{fields[-1]}:"
-        out = self._run("squeue", ["-h", "-r", "-t", "all", "--me", "-O", form],
-                        unavailable=True).stdout
-        return parse_squeue(out, with_comment)
+        out = self.tools.run("squeue", ["-h", "-r", "-t", "all", "--me", "-O", form],
+                             unavailable=True).stdout
+        return parse_squeue(out, with_tags)
 
-    def _find_unsubmitted(self, records: Sequence[JobRecord],
-                          rows: dict[str, SqueueRow]) -> dict[int, str]:
-        """Native ids of jobs sbatch accepted but whose submitter died before recording them:
-        the comment names the batch script, whose ids=(...) line maps tasks to journal ids."""
-        wanted = {r.job.id for r in records}
-        prefix = f"gridcouple:{self.journal_key}:"
-        found: dict[int, str] = {}
-        for native_id, row in rows.items():
-            if not row.comment.startswith(prefix):
-                continue
-            script = self.batch_dir / f"{row.comment[len(prefix):]}.sh"
-            try:
-                ids = re.search(r"^ids=\(([\d ]*)\)", script.read_text(), re.M).group(1).split()
-            except (OSError, AttributeError):
-                continue
-            array_id, _, task = native_id.partition("_")
-            job_id = int(ids[int(task or 0)])
-            if job_id in wanted:
-                found[job_id] = native_id if len(ids) > 1 else array_id
-        self._scancel_some(found, self._store_native_ids(found))
-        return found
+    def task_of(self, native_id: str) -> int:
+        """``123_4`` is task 4; a plain job is task 0."""
+        return int(native_id.partition("_")[2] or 0)
 
-    def _sacct(self, records: Sequence[JobRecord], native: dict[int, str]) -> dict[int, JobStatus]:
-        """Final statuses from accounting for jobs squeue no longer lists (one sacct call). A
-        job sacct does not know (its record lags ~2 s behind its end) or still shows waiting or
+    def resolve_gone(self, records: Sequence[JobRecord],
+                     native: Mapping[int, str]) -> tuple[dict[int, JobStatus], str]:
+        """Final statuses from accounting (one sacct call), when the cluster keeps it. A job
+        sacct does not know (its record lags ~2 s behind its end) or still shows waiting or
         running (squeue, not sacct, knows the live jobs) is left out."""
+        if not self.accounting:
+            return {}, ""
         wanted = {native[r.job.id]: r for r in records if r.job.id in native}
         if not wanted:
-            return {}
+            return {}, "no final record in sacct"
         arrays = sorted({native_id.split("_")[0] for native_id in wanted})
-        proc = self._run("sacct", ["-P", "-n", "-X", "-o", _SACCT_FIELDS, "-j", ",".join(arrays)],
-                         unavailable=True)
-        found = parse_sacct(proc.stdout, {n: r.status for n, r in wanted.items()})
-        return {wanted[native_id].job.id: status for native_id, status in found.items()
-                if status.state.is_final}
-
-    def _from_exit_file(self, record: JobRecord, unknown: str) -> JobStatus:
-        """A job squeue no longer lists and sacct could not resolve: its exit-code file decides.
-        ``unknown`` says where else the job was looked for, for the reason."""
-        home = Path(record.workdir) if record.workdir else self.job_home(record.job.id)
         try:
-            text = (home / EXIT_CODE_FILE).read_text()
-        except FileNotFoundError:
-            if record.cancel_requested:
-                return JobStatus(JobState.CANCELED, reason=f"canceled; {unknown}",
-                                 end_time=time.time())
-            return JobStatus(JobState.FAILED, reason=f"{unknown}, and no exit-code file in "
-                             f"{home} (killed before it ended, or never started)",
-                             end_time=time.time())
-        exit_code, signal, start, end = parse_exit_record(text)
-        walltime = record.job.spec.resources.walltime
-        if exit_code == 0:
-            state = JobState.COMPLETED
-        elif signal is not None and record.cancel_requested:
-            state = JobState.CANCELED
-        elif signal is not None and walltime and end - start >= math.ceil(walltime / 60) * 60 - 1:
-            state = JobState.TIMEOUT
-        else:
-            state = JobState.FAILED
-        return JobStatus(state, reason=f"from its exit-code file ({unknown})",
-                         exit_code=exit_code, signal=signal, start_time=start, end_time=end,
-                         host=record.status.host)
+            proc = self.tools.run("sacct", ["-P", "-n", "-X", "-o", _SACCT_FIELDS, "-j",
+                                            ",".join(arrays)], unavailable=True)
+        except BackendError as exc:  # slurmdbd down: the exit-code files still answer
+            log.warning("slurm: jobs squeue no longer lists are resolved from their "
+                        "exit-code files: %s", exc)
+            return {}, "sacct failed"
+        found = parse_sacct(proc.stdout, {n: r.status for n, r in wanted.items()})
+        return ({wanted[native_id].job.id: status for native_id, status in found.items()
+                 if status.state.is_final}, "no final record in sacct")
 
-    # --- control ------------------------------------------------------------------------------
+    def enforced_walltime(self, spec: JobSpec) -> float | None:
+        """Slurm counts whole minutes."""
+        walltime = spec.resources.walltime
+        return None if walltime is None else math.ceil(walltime / 60) * 60
 
-    def cancel_now(self, jobs: Sequence[Job]) -> None:
+    @property
+    def unsubmitted_grace(self) -> float:
+        """Twice the time sbatch may take."""
+        return 2 * self.options.command_timeout
+
+    def cancel_native(self, native_ids: Sequence[str]) -> None:
         """scancel the jobs."""
-        self.journal.request_cancel(job.id for job in jobs)
-        native = self._native_ids(jobs)
-        if native:
-            self._job_command("scancel", [], native)
+        self._job_command("scancel", [], native_ids)
 
-    def send_signal(self, jobs: Sequence[Job], signal: str) -> None:
+    def signal_native(self, native_ids: Sequence[str], signal: str) -> None:
         """scancel --signal --full: every process of the running jobs, batch shell included."""
-        native = self._native_ids(jobs)
-        if native:
-            self._job_command("scancel", [f"--signal={signal}", "--full"], native)
+        self._job_command("scancel", [f"--signal={signal}", "--full"], native_ids)
 
-    def hold(self, jobs: Sequence[Job]) -> None:
+    def hold_native(self, native_ids: Sequence[str]) -> None:
         """scontrol hold: waiting jobs stay PENDING (JobHeldAdmin/JobHeldUser) until released."""
-        self._job_command("scontrol", ["hold"], self._native_ids(jobs))
+        self._job_command("scontrol", ["hold"], native_ids)
 
-    def release(self, jobs: Sequence[Job]) -> None:
+    def release_native(self, native_ids: Sequence[str]) -> None:
         """scontrol release: held jobs may start again."""
-        self._job_command("scontrol", ["release"], self._native_ids(jobs))
+        self._job_command("scontrol", ["release"], native_ids)
 
-    def _native_ids(self, jobs: Sequence[Job]) -> list[str]:
-        """The jobs' native ids from the journal (finding those a dead submitter left out)."""
-        records = self.journal.get(job.id for job in jobs)
-        if any(not r.job.native_id and not r.status.state.is_final for r in records):
-            self.status(jobs)
-            records = self.journal.get(job.id for job in jobs)
-        return [r.job.native_id for r in records
-                if r.job.native_id and not r.status.state.is_final]
+    @property
+    def end_grace(self) -> float:
+        """KillWait plus a margin for the node to report the end."""
+        return float(re.sub(r"\D", "", self.cluster_config.get("KillWait", "30")) or 30) + 10.0
 
     def _job_command(self, tool: str, args: list[str], native: Sequence[str]) -> None:
         """Run scancel or scontrol on job lists; jobs that already ended are not an error."""
         if not native:
             return
-        proc = self._run(tool, [*args, *compact_native_ids(native)], check=False)
+        proc = self.tools.run(tool, [*args, *compact_native_ids(native)], check=False)
         errors = [line for line in proc.stderr.splitlines()
                   if line.strip() and not any(text in line for text in _IGNORED_SCANCEL)]
         if proc.returncode and errors:
-            raise BackendError(f"{tool} {' '.join(args)} failed: {_one_line(chr(10).join(errors))}")
+            raise BackendError(f"{tool} {' '.join(args)} failed: {one_line(chr(10).join(errors))}")
 
     # --- the cluster ----------------------------------------------------------------------------
 
@@ -514,7 +354,7 @@ class SlurmBackend(Backend):
     def cluster_config(self) -> dict[str, str]:
         """``scontrol show config`` as a dict (read once per backend; a controller that does
         not answer is QueryUnavailableError, so a status poll retries)."""
-        out = self._run("scontrol", ["show", "config"], unavailable=True).stdout
+        out = self.tools.run("scontrol", ["show", "config"], unavailable=True).stdout
         pairs = (line.split("=", 1) for line in out.splitlines() if " = " in line)
         return {key.strip(): value.strip() for key, value in pairs}
 
@@ -528,26 +368,3 @@ class SlurmBackend(Backend):
         """True when the cluster keeps accounting, so sacct knows finished jobs."""
         return self.cluster_config.get("AccountingStorageType",
                                        "accounting_storage/none") != "accounting_storage/none"
-
-    def _run(self, tool: str, args: Sequence[str], *, unavailable: bool = False,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run one Slurm command. Its failure raises BackendError with Slurm's own message, or
-        QueryUnavailableError when it only means "no answer right now": a timeout, or any
-        failure of a query (``unavailable``)."""
-        command = str(self.options.bin_dir / tool) if self.options.bin_dir else tool
-        try:
-            proc = subprocess.run([command, *args], capture_output=True, text=True,
-                                  timeout=self.options.command_timeout)
-        except FileNotFoundError:
-            where = f"in {self.options.bin_dir}" if self.options.bin_dir else "on PATH"
-            raise BackendError(f"{tool} is not {where}: is Slurm installed? ([backend.slurm] "
-                               "bin_dir)") from None
-        except subprocess.TimeoutExpired:
-            raise QueryUnavailableError(f"{tool} did not answer within "
-                                        f"{self.options.command_timeout:g} s ([backend.slurm] "
-                                        "command_timeout)") from None
-        if check and proc.returncode:
-            message = _one_line(proc.stderr) or _one_line(proc.stdout) or "no message"
-            error = QueryUnavailableError if unavailable else BackendError
-            raise error(f"{tool} failed (exit code {proc.returncode}): {message}")
-        return proc

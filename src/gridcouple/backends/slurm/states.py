@@ -38,6 +38,8 @@ SLURM_STATES: dict[str, JobState] = {
 }
 
 HELD_REASONS = frozenset({"JobHeldUser", "JobHeldAdmin"})
+# States in which a job that ran is back in the queue: the one backward move the model allows.
+REQUEUE_STATES = frozenset({"REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SPECIAL_EXIT"})
 
 
 def to_job_state(native_state: str, reason: str = "") -> JobState | None:
@@ -74,7 +76,7 @@ def slurm_status(native_state: str, reason: str, previous: JobStatus, **details)
     if not state.is_final:
         details = {k: v for k, v in details.items() if k in ("submit_time", "start_time", "host")}
     return JobStatus(state=state, native_state=native_state, reason=_shown_reason(reason),
-                     **details)
+                     requeue=native_state.split(" ")[0] in REQUEUE_STATES, **details)
 
 
 def _shown_reason(reason: str) -> str:

@@ -10,6 +10,7 @@ crash may lose the last transactions.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,6 +22,8 @@ from typing import Any
 
 from gridcouple.errors import JobNotFoundError
 from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -153,7 +156,10 @@ class Journal:
     def update(self, changes: Iterable[tuple[int, JobStatus]], *,
                only_if: Sequence[JobState] | None = None) -> list[int]:
         """Store new statuses; appends an event where the state changed. With ``only_if``, a
-        job changes only while its state is one of those. Returns the ids that changed."""
+        job changes only while its state is one of those. A status that would break the state
+        order (:meth:`JobState.may_become`: leave a final state, or move back without being a
+        requeue) is not stored: it is stale, seen by a poller before a newer one wrote. Returns
+        the ids that changed."""
         changed = []
         with self.transaction() as db:
             for job_id, status in changes:
@@ -165,13 +171,20 @@ class Journal:
                     only_if: Sequence[JobState] | None) -> bool:
         row = db.execute("SELECT state, submit_time, start_time, end_time FROM jobs WHERE id = ?",
                          (job_id,)).fetchone()
-        if row is None or (only_if is not None and JobState(row[0]) not in only_if):
+        if row is None:
+            return False
+        current = JobState(row[0])
+        if only_if is not None and current not in only_if:
+            return False
+        if not current.may_become(status.state, requeue=status.requeue):
+            if current is not status.state:
+                log.debug("job %d: kept %s, not the stale %s", job_id, current, status.state)
             return False
         db.execute(
             "UPDATE jobs SET state = ?, native_state = ?, reason = ?, exit_code = ?, signal = ?,"
             " start_time = ?, end_time = ?, host = ? WHERE id = ?",
             (status.state.value, status.native_state, status.reason, status.exit_code,
-             status.signal, status.start_time or row[2], status.end_time or row[3],
+             status.signal, _either(status.start_time, row[2]), _either(status.end_time, row[3]),
              status.host, job_id),
         )
         if row[0] != status.state.value:
@@ -276,3 +289,6 @@ class Journal:
             return self._db.execute(sql, params).fetchall()
 
 
+def _either(new: float | None, old: float | None) -> float | None:
+    """A time as newly seen, else as known (0 is a time: the simulator's clock starts there)."""
+    return old if new is None else new

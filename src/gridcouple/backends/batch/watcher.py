@@ -1,0 +1,74 @@
+"""One status watcher per backend instance (submitit's InfoWatcher, made durable by the journal).
+
+Every caller of ``status`` (the coupler's members, ``wait``, ``events``, ``status --watch``)
+goes through it. It remembers every job any caller asked about and, when a poll is due, asks
+the batch system about ALL of them in one native query; between polls it answers from the
+journal. So there is at most one native query per poll interval, whatever the number of jobs or
+callers. The interval follows the backend's backoff: short after a change, growing while
+nothing changes. Final states are read from the journal and never asked for again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from gridcouple.errors import QueryUnavailableError
+from gridcouple.jobs import Job, JobStatus
+
+if TYPE_CHECKING:
+    from gridcouple.backends.base import Backend
+
+
+class StatusWatcher:
+    """Shares native status queries among every caller of one backend instance."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.queries = 0  # native queries made, for tests and benchmarks
+        self._lock = threading.Lock()
+        self._watched: set[int] = set()
+        self._interval = backend.backoff.first
+        self._due = 0.0  # monotonic time of the next native query
+
+    def status(self, jobs: Sequence[Job]) -> list[JobStatus]:
+        """Statuses in the order of ``jobs``: fresh when a poll was due, else as last seen."""
+        ids = [job.id for job in jobs]
+        journal = self.backend.journal
+        with self._lock:
+            self._watched.update(r.job.id for r in journal.get(ids)
+                                 if not r.status.state.is_final)
+            if self._watched and time.monotonic() >= self._due:
+                self._poll()
+        return [r.status for r in journal.get(ids)]
+
+    def _poll(self) -> None:
+        """One native query for every watched job not yet final."""
+        backoff = self.backend.backoff
+        records = [r for r in self.backend.journal.get(sorted(self._watched))
+                   if not r.status.state.is_final]
+        self._watched = {r.job.id for r in records}
+        if not records:
+            return
+        self.queries += 1
+        try:
+            fresh = self.backend.query(records)
+        except QueryUnavailableError:
+            self._due = time.monotonic() + self._interval
+            raise
+        changed = self.backend.record(records, fresh)
+        self._interval = backoff.first if changed else min(self._interval * backoff.factor,
+                                                           backoff.most)
+        self._due = time.monotonic() + self._interval
+
+    def expect_change(self) -> None:
+        """Jobs were just submitted or changed by us: poll again soon."""
+        with self._lock:
+            self._interval = self.backend.backoff.first
+            self._due = min(self._due, time.monotonic() + self._interval)
+
+    def pause(self) -> float:
+        """Seconds until the next native query is due."""
+        return max(0.0, self._due - time.monotonic()) + 0.001
