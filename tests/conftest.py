@@ -4,6 +4,8 @@ saying why, except with CI=true, where it fails them."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -16,6 +18,25 @@ def require_service(service: str, available: bool, why: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true requires {message}")
     pytest.skip(message)
+
+
+def require_slurm() -> None:
+    """Skip (or fail, with CI=true) unless the single-node test cluster answers."""
+    require_service("slurm", *_slurm_cluster())
+
+
+def _slurm_cluster() -> tuple[bool, str]:
+    """Whether the test cluster of scripts/slurm-up answers, and why not."""
+    if shutil.which("sinfo") is None:
+        return False, "sinfo is not on PATH (start the cluster with scripts/slurm-up as root)"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%a"], capture_output=True,
+                              text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return False, "sinfo did not answer within 10 s"
+    if proc.returncode or proc.stdout.strip() != "up":
+        return False, f"partition debug is not up: {proc.stderr.strip() or proc.stdout.strip()}"
+    return True, ""
 
 
 @pytest.fixture

@@ -96,7 +96,8 @@ def test_allocate_several_call_remotely_and_leave_nothing_behind(config_file):
             assert time.monotonic() < deadline, coupler.scheduler_members()
             time.sleep(0.05)
         assert coupler.scheduler_members()["one"]["endpoint"] == first.endpoint
-        backend, store_root = coupler.backend, coupler._store_root
+        backend = coupler.backend
+        store_root = coupler._store_roots[backend.name]
     assert not any(alive(pid) for pid in pids)
     assert all(s.state.is_final for s in statuses_after(backend, jobs))
     assert not os.path.exists(store_root)

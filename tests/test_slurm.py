@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import gridcouple.cli.jobs
 import gridcouple.cli.run
 import gridcouple.cli.simulate  # noqa: F401
-from conftest import require_service
+from conftest import require_slurm
 from gridcouple.backends.slurm import SlurmBackend, SlurmOptions
 from gridcouple.cli import app
 from gridcouple.errors import BackendError, QueryUnavailableError
@@ -33,25 +33,10 @@ from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(150)]
 
 
-def cluster_available() -> tuple[bool, str]:
-    """Whether the test cluster answers, and why not."""
-    if shutil.which("sinfo") is None:
-        return False, "sinfo is not on PATH (start the cluster with scripts/slurm-up as root)"
-    try:
-        proc = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%a"], capture_output=True,
-                              text=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return False, "sinfo did not answer within 10 s"
-    if proc.returncode or proc.stdout.strip() != "up":
-        return False, f"partition debug is not up: {proc.stderr.strip() or proc.stdout.strip()}"
-    return True, ""
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A backend on a fresh state dir, and the walltime job submitted before everything else."""
-    available, why = cluster_available()
-    require_service("slurm", available, why)
+    require_slurm()
     state_dir = tmp_path_factory.mktemp("slurm-state")
     backend = SlurmBackend(SlurmOptions(poll_interval=0.5), state_dir=state_dir)
     walltime_job, = backend.submit([JobSpec(argv=("sleep", "600"), name="overrun",

@@ -10,9 +10,16 @@ Shape::
     [backend.local]                    # one table of options per backend
     slots = 2
 
-Each table is validated against a dataclass: the backend's ``Options`` for ``[backend.NAME]``,
-:data:`SECTIONS` for the others. The file is found from ``--config``, then ``GRIDCOUPLE_CONFIG``,
-then ``./gridcouple.toml``; with none of them the defaults apply.
+    [backend.partner_a]                # a second site: any name, with the kind in ``type``
+    type = "local"
+    state_dir = "/scratch/partner-a"   # its own journal and job homes (default: the one above)
+    python = "/opt/venv/bin/python"    # the interpreter its application servers run with
+
+Each ``[backend.NAME]`` table is one named backend: ``type`` (default NAME), ``state_dir`` and
+``python`` (:class:`SiteKeys`), and the options of its kind, validated against the backend's
+``Options``. :data:`SECTIONS` validates the other tables. The file is found from
+``--config``, then ``GRIDCOUPLE_CONFIG``, then ``./gridcouple.toml``; with none of them the
+defaults apply.
 """
 
 from __future__ import annotations
@@ -69,6 +76,19 @@ SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSectio
 
 
 @dataclass(frozen=True)
+class SiteKeys:
+    """The keys a ``[backend.NAME]`` table holds besides its kind's options."""
+
+    type: str = ""  # the backend's kind (an installed backend); "" = NAME
+    state_dir: Path | None = None  # its journal and job homes; None = the top-level state_dir
+    python: str | None = None  # the interpreter application servers run with on its hosts
+
+
+SITE_KEYS = frozenset(f.name for f in dataclasses.fields(SiteKeys))
+_BACKEND_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass(frozen=True)
 class Config:
     """A loaded configuration. ``path`` is None when no file was found (all defaults)."""
 
@@ -94,8 +114,22 @@ class Config:
         return self.sections[name]
 
     def backend_options(self, name: str, options_type: type[T]) -> T:
-        """Validate ``[backend.NAME]`` against the backend's options dataclass."""
-        return validate(options_type, self.backend_tables.get(name, {}), ("backend", name), self)
+        """Validate ``[backend.NAME]`` (less its :class:`SiteKeys`) against the backend's
+        options dataclass."""
+        table = {k: v for k, v in self.backend_tables.get(name, {}).items() if k not in SITE_KEYS}
+        return validate(options_type, table, ("backend", name), self)
+
+    def site(self, name: str) -> SiteKeys:
+        """The :class:`SiteKeys` of backend ``name`` (defaults when it has no table)."""
+        table = {k: v for k, v in self.backend_tables.get(name, {}).items() if k in SITE_KEYS}
+        return validate(SiteKeys, table, ("backend", name), self)
+
+    def backend_kind(self, name: str) -> tuple[str, str]:
+        """The kind of backend ``name`` and where it was said, for messages."""
+        kind = self.site(name).type
+        if kind:
+            return kind, self.where(("backend", name, "type"))
+        return name, self.where_backend(name)
 
     def where(self, keys: tuple[str, ...], *, is_table: bool = False) -> str:
         """``file:line: [table] key`` (or ``file:line: [table]``) for messages; the line is
@@ -153,6 +187,9 @@ def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Co
     backend_tables = {k: v for k, v in backend_table.items() if isinstance(v, dict)}
     for name in backend_tables:
         del backend_table[name]
+        if not _BACKEND_NAME.fullmatch(name):
+            raise ConfigError(f"{probe.where(('backend', name), is_table=True)}: a backend name "
+                              "is 1-64 letters, digits, '_', '.' or '-'")
     sections = {}
     for name, section_type in SECTIONS.items():
         table = backend_table if name == "backend" else data.get(name, {})

@@ -21,29 +21,34 @@ def backend_names() -> list[str]:
 
 
 def backend_class(name: str, config: Config | None = None) -> type[Backend]:
-    """The class registered under ``name``; a clear error when it is not installed."""
-    found = [ep for ep in entry_points(group=GROUP) if ep.name == name]
-    where = config.where_backend(name) + ": " if config else ""
+    """The class of backend ``name``: its ``type`` in the config, else the kind called
+    ``name``; a clear error when it is not installed."""
+    kind, where = config.backend_kind(name) if config else (name, "")
+    where = f"{where}: " if where else ""
+    found = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
     if not found:
-        raise ConfigError(f"{where}backend {name!r} is not installed; installed: "
+        raise ConfigError(f"{where}backend {kind!r} is not installed; installed: "
                           f"{', '.join(backend_names()) or 'none'}")
     try:
         cls = found[0].load()
     except ImportError as exc:
-        raise ConfigError(f"{where}backend {name!r} cannot be loaded: {exc} (install "
-                          f"gridcouple[{name}]?)") from exc
+        raise ConfigError(f"{where}backend {kind!r} cannot be loaded: {exc} (install "
+                          f"gridcouple[{kind}]?)") from exc
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise ConfigError(f"{where}entry point {name!r} is not a gridcouple Backend")
+        raise ConfigError(f"{where}entry point {kind!r} is not a gridcouple Backend")
     return cls
 
 
 def open_backend(config: Config | None = None, name: str | None = None) -> Backend:
-    """The configured backend (or ``name``), with its options validated from the config."""
+    """The configured backend (or the one named ``name``), with its options validated from
+    its ``[backend.NAME]`` table."""
     config = config or load_config()
     name = name or config.backend
     cls = backend_class(name, config)
     options = config.backend_options(name, cls.Options)
-    return cls(options, state_dir=config.state_dir)
+    site = config.site(name)
+    return cls(options, state_dir=site.state_dir or config.state_dir, name=name,
+               python=site.python)
 
 
 def check_config(config: Config) -> list[str]:
@@ -52,6 +57,7 @@ def check_config(config: Config) -> list[str]:
     for name in names:
         cls = backend_class(name, config)
         config.backend_options(name, cls.Options)
+        config.site(name)
     return names
 
 

@@ -58,7 +58,6 @@ class Backend(abc.ABC):
     kind: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     backoff: ClassVar[Backoff] = Backoff()
-    single_host: ClassVar[bool] = False  # True: every job runs on the submitting machine
     hosts_applications: ClassVar[bool] = True  # False: nothing really runs (a simulator)
 
     def __init__(self, options: Any, *, state_dir: Path, journal: Journal | None = None,

@@ -7,11 +7,16 @@ the configured backend, hands back proxies, and tears everything down.
         heat = c.allocate("mypkg.heat:Heat", name="heat", resources=Resources(cpus=1))
         heat.solve_step(TimeStep(0.1, 0.1, 1))
 
+Each application may run on a backend of its own (``AppRequest(..., backend="partner_a")``, a
+``[backend.partner_a]`` table): one scenario can put one code on Slurm and another on a
+partner's machine; each backend gets one submission per ``allocate_many``.
+
 How an application server reaches us: the backend starts ``python -m gridcouple.appkit.server``
-with a per-application secret in its environment. The server registers its direct endpoint
-with the coupler's registry (an authenticated TCP connection that stays open for the server's
-life), then joins the dask scheduler under the job's name in the background. Method calls go
-over the direct channel, not through dask (see docs/coupler.md for why and the figures).
+(with the backend's ``python``) with a per-application secret in its environment. The server
+registers its direct endpoint with the coupler's registry (an authenticated TCP connection that
+stays open for the server's life), then joins the dask scheduler under the job's name in the
+background. Method calls go over the direct channel, not through dask (see docs/coupler.md for
+why and the figures).
 
 Failure is never a hang: a call waiting on a server that died raises
 :class:`ApplicationFailedError` naming the application, the job, its native state and the last
@@ -31,10 +36,10 @@ import re
 import secrets
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +56,7 @@ from gridcouple.appkit.transport import (
     format_endpoint,
     tls_contexts,
 )
-from gridcouple.backends import open_backend
+from gridcouple.backends import backend_class, open_backend
 from gridcouple.backends.base import Backend
 from gridcouple.config import Config, CouplerSection, load_config
 from gridcouple.errors import ConfigError, GridcoupleError
@@ -79,12 +84,14 @@ class ApplicationFailedError(ApplicationError):
 
 @dataclass(frozen=True)
 class AppRequest:
-    """One application server to allocate: ``app`` is ``package.module:Class``."""
+    """One application server to allocate: ``app`` is ``package.module:Class``; ``backend``
+    names the backend that runs it (a ``[backend.NAME]`` table; None: the configured one)."""
 
     app: str
     name: str | None = None
     resources: Resources = field(default_factory=Resources)
     environment: Mapping[str, str] = field(default_factory=dict)
+    backend: str | None = None
 
 
 @dataclass
@@ -94,6 +101,7 @@ class _Member:
     name: str
     app: str
     token: str
+    backend: Backend
     job: Job | None = None
     endpoint: str | None = None
     joined: threading.Event = field(default_factory=threading.Event)
@@ -106,12 +114,16 @@ class Coupler:
     """A coupling session; use it as a context manager (see the module docstring)."""
 
     def __init__(self, config: Config, backend: Backend | None = None) -> None:
-        """``backend``: one already open (it stays open); by default the configured one is
-        opened on entry and closed on exit."""
+        """``backend``: one already open (it stays open) to use as the default; by default the
+        configured one. Backends are opened when first used and closed on exit."""
         self.config = config
         self.settings: CouplerSection = config.section("coupler")
-        self._backend = backend
-        self._own_backend = backend is None
+        self._default_backend = backend.name if backend else config.backend
+        self._backends: dict[str, Backend] = {}
+        self._own_backends: set[str] = set()
+        if backend is not None:
+            _refuse_simulated(backend.name, type(backend))
+            self._backends[backend.name] = backend
         self._secret = secrets.token_hex(32)
         self._members: dict[str, _Member] = {}
         self._lock = threading.Lock()
@@ -121,8 +133,8 @@ class Coupler:
         self._registry_channels: list[Channel] = []
         self._scheduler_members: dict[str, dict[str, Any]] = {}
         self._scheduler_client_kwargs: dict[str, Any] = {}
-        self._store_root: str | None = None
-        self._own_store = False
+        self._store_roots: dict[str, str] = {}  # field store root by backend name
+        self._own_stores: list[str] = []
         self.security_kwargs = self._security_kwargs()
         self._tls = tls_contexts(self.security_kwargs)  # the direct channels' (server, client)
 
@@ -148,18 +160,25 @@ class Coupler:
         self.close()
 
     def start(self) -> None:
-        """Open the backend, the registry and the dask scheduler."""
-        if self._backend is None:
-            self._backend = open_backend(self.config)
-        self._store_root = self._field_store_root()
+        """Open the default backend, the registry and the dask scheduler."""
+        self.backend_for(None)
         self._start_registry()
         self._start_scheduler()
 
     @property
     def backend(self) -> Backend:
-        if self._backend is None:
-            raise ApplicationError("the coupler is not started; use it in a with block")
-        return self._backend
+        """The default backend."""
+        return self.backend_for(None)
+
+    def backend_for(self, name: str | None) -> Backend:
+        """The backend called ``name`` (None: the default), opened on first use. A simulated
+        backend is refused: it cannot host application servers."""
+        name = name or self._default_backend
+        if name not in self._backends:
+            _refuse_simulated(name, backend_class(name, self.config))
+            self._backends[name] = open_backend(self.config, name)
+            self._own_backends.add(name)
+        return self._backends[name]
 
     @property
     def scheduler_address(self) -> str:
@@ -192,40 +211,49 @@ class Coupler:
         """Terminate every application, end every job, stop the scheduler. Safe to repeat."""
         members = list(self._members.values())
         self._terminate_applications(members)
-        jobs = [m.job for m in members if m.job is not None]
-        if jobs and self._backend is not None:
-            self._end_jobs(jobs)
+        by_backend: dict[str, list[Job]] = defaultdict(list)
+        for member in members:
+            if member.job is not None:
+                by_backend[member.backend.name].append(member.job)
+        for name, jobs in by_backend.items():
+            self._end_jobs(self._backends[name], jobs)
         for member in members:
             if member.proxy is not None:
                 member.proxy.close()
         self._members.clear()
         self._stop_registry()
         self._stop_scheduler()
-        if self._own_store and self._store_root:
-            shutil.rmtree(self._store_root, ignore_errors=True)
-            self._store_root = None
-        if self._backend is not None and self._own_backend:
-            self._backend.close()
-            self._backend = None
+        for root in self._own_stores:
+            shutil.rmtree(root, ignore_errors=True)
+        self._own_stores.clear()
+        self._store_roots.clear()
+        for name in self._own_backends:
+            self._backends.pop(name).close()
+        self._own_backends.clear()
 
     # --- allocating ----------------------------------------------------------------------
 
     def allocate(self, app: str, *, name: str | None = None,
                  resources: Resources | None = None,
-                 environment: Mapping[str, str] | None = None) -> ApplicationProxy:
-        """Start one application server (``package.module:Class``) as a job; returns its
-        proxy once it has joined."""
-        request = AppRequest(app, name, resources or Resources(), environment or {})
+                 environment: Mapping[str, str] | None = None,
+                 backend: str | None = None) -> ApplicationProxy:
+        """Start one application server (``package.module:Class``) as a job on ``backend``
+        (default: the configured one); returns its proxy once it has joined."""
+        request = AppRequest(app, name, resources or Resources(), environment or {}, backend)
         return self.allocate_many([request])[0]
 
     def allocate_many(self, requests: Sequence[AppRequest]) -> list[ApplicationProxy]:
-        """Start several application servers in ONE backend submission; wait until all have
-        joined or one of their jobs ended (then raise :class:`ApplicationStartError`)."""
-        members = [self._new_member(r) for r in requests]
-        specs = [self._job_spec(m, r) for m, r in zip(members, requests, strict=True)]
-        jobs = self.backend.submit(specs)
-        for member, job in zip(members, jobs, strict=True):
-            member.job = job
+        """Start several application servers with ONE submission per backend; wait until all
+        have joined or one of their jobs ended (then raise :class:`ApplicationStartError`)."""
+        members = [self._new_member(r, self.backend_for(r.backend)) for r in requests]
+        by_backend: dict[str, list[int]] = defaultdict(list)
+        for index, member in enumerate(members):
+            by_backend[member.backend.name].append(index)
+        for name, indices in by_backend.items():
+            backend = self._backends[name]
+            specs = [self._job_spec(members[i], requests[i]) for i in indices]
+            for index, job in zip(indices, backend.submit(specs), strict=True):
+                members[index].job = job
         self._wait_joined(members)
         for member in members:
             member.proxy = ApplicationProxy(
@@ -236,7 +264,7 @@ class Coupler:
                 call_timeout=self.config.section("coupler").call_timeout or None)
         return [m.proxy for m in members if m.proxy is not None]
 
-    def _new_member(self, request: AppRequest) -> _Member:
+    def _new_member(self, request: AppRequest, backend: Backend) -> _Member:
         module, _, cls = request.app.partition(":")
         if not module or not cls:
             raise ApplicationError(f"application {request.app!r}: use package.module:Class")
@@ -252,7 +280,8 @@ class Coupler:
             while name in self._members:
                 number += 1
                 name = f"{base}-{number}"
-            member = _Member(name=name, app=request.app, token=app_token(self._secret, name))
+            member = _Member(name=name, app=request.app, token=app_token(self._secret, name),
+                             backend=backend)
             self._members[name] = member
         return member
 
@@ -262,23 +291,24 @@ class Coupler:
             TOKEN_ENV: member.token,
             "GRIDCOUPLE_COUPLER": self.registry_endpoint,
             "GRIDCOUPLE_SCHEDULER": self.scheduler_address,
-            "GRIDCOUPLE_FIELD_STORE": f"{self._store_root}/{member.name}",
+            "GRIDCOUPLE_FIELD_STORE": f"{self._field_store_root(member.backend)}/{member.name}",
             SCHEDULER_TLS_ENV: json.dumps(self._scheduler_client_kwargs),
             **({TLS_ENV: json.dumps(self.security_kwargs)} if self.security_kwargs else {}),
             **request.environment,
         }
-        return JobSpec(argv=(sys.executable, "-m", "gridcouple.appkit.server",
+        return JobSpec(argv=(member.backend.python, "-m", "gridcouple.appkit.server",
                              "--app", request.app, "--name", member.name, "--host", host),
                        name=member.name, environment=environment, resources=request.resources)
 
     def _wait_joined(self, members: Sequence[_Member]) -> None:
         deadline = time.monotonic() + self.settings.join_timeout
         interval = 0.01
+        most = max(m.backend.backoff.most for m in members)
         while True:
             waiting = [m for m in members if not m.joined.is_set()]
             if not waiting:
                 return
-            statuses = self.backend.status([m.job for m in waiting if m.job is not None])
+            statuses = self._statuses(waiting)
             for member, status in zip(waiting, statuses, strict=True):
                 if status.state.is_final and not member.joined.is_set():
                     raise ApplicationStartError(self._describe(
@@ -289,7 +319,21 @@ class Coupler:
                     member, statuses[0], f"did not join within {self.settings.join_timeout:g} s "
                     f"([coupler] join_timeout in {self.config.path or 'the defaults'})"))
             waiting[0].joined.wait(interval)
-            interval = min(interval * 1.5, self.backend.backoff.most)
+            interval = min(interval * 1.5, most)
+
+    @staticmethod
+    def _statuses(members: Sequence[_Member]) -> list[JobStatus]:
+        """The members' job statuses, with one status call per backend."""
+        by_backend: dict[str, list[int]] = defaultdict(list)
+        for index, member in enumerate(members):
+            by_backend[member.backend.name].append(index)
+        statuses: dict[int, JobStatus] = {}
+        for indices in by_backend.values():
+            backend = members[indices[0]].backend
+            jobs = [members[i].job for i in indices]
+            statuses.update(zip(indices, backend.status([j for j in jobs if j is not None]),
+                                strict=True))
+        return [statuses[i] for i in range(len(members))]
 
     # --- failures ------------------------------------------------------------------------
 
@@ -298,10 +342,10 @@ class Coupler:
         if member.gone.is_set():
             raise self._failure(member, TransportError("its registration connection closed"))
         now = time.monotonic()
-        interval = max(STATUS_INTERVAL, self.backend.backoff.most)
+        interval = max(STATUS_INTERVAL, member.backend.backoff.most)
         if member.job is not None and now - member.last_status_check >= interval:
             member.last_status_check = now
-            status = self.backend.status([member.job])[0]
+            status = member.backend.status([member.job])[0]
             if status.state.is_final:
                 raise self._failure(member, TransportError("its job ended"))
 
@@ -309,10 +353,10 @@ class Coupler:
         """The error for a server that went away: waits briefly for the backend to see the
         job end, so the message carries its final state and stderr."""
         status = None
-        if member.job is not None and self._backend is not None:
+        if member.job is not None:
             deadline = time.monotonic() + FAILURE_REPORT_WAIT
             while True:
-                status = self.backend.status([member.job])[0]
+                status = member.backend.status([member.job])[0]
                 if status.state.is_final or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
@@ -327,8 +371,8 @@ class Coupler:
             # A backend without native words of its own (local) reports ours as its native.
             text += (f"; job state {status.describe()}, native state "
                      f"{status.native_state or status.state}")
-        if member.job is not None and self._backend is not None:
-            tail = self.backend.read_output(member.job, "stderr", tail=STDERR_TAIL).rstrip()
+        if member.job is not None:
+            tail = member.backend.stderr_tail(member.job, STDERR_TAIL).rstrip()
             text += ("; last lines of its stderr:\n" + tail) if tail else "; its stderr is empty"
         return text
 
@@ -345,9 +389,9 @@ class Coupler:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _end_jobs(self, jobs: Sequence[Job]) -> None:
+    @staticmethod
+    def _end_jobs(backend: Backend, jobs: Sequence[Job]) -> None:
         """Wait briefly for servers to exit on their own, then cancel what still runs."""
-        backend = self.backend
         deadline = time.monotonic() + 2.0
         statuses = backend.status(jobs)
         while not all(s.state.is_final for s in statuses) and time.monotonic() < deadline:
@@ -357,8 +401,7 @@ class Coupler:
         if not running:
             return
         backend.cancel(running)
-        grace = float(getattr(backend.options, "grace_period", 5.0)) + 10.0
-        for _event in backend.events(running, timeout=grace):
+        for _event in backend.events(running, timeout=backend.end_grace):
             pass
         left = [j for j, s in zip(running, backend.status(running), strict=True)
                 if not s.state.is_final]
@@ -385,13 +428,10 @@ class Coupler:
         self._registry_channels.clear()
 
     def _accept_registrations(self) -> None:
-        registry = self._registry
-        while registry is not None:
-            try:
-                sock, _ = registry.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._registration, args=(sock,), daemon=True).start()
+        from gridcouple.appkit.transport import accept_connections
+
+        if self._registry is not None:  # survives EMFILE & co; bounds unauthenticated peers
+            accept_connections(self._registry, self._registration, name="registry")
 
     def _registration(self, sock: socket.socket) -> None:
         try:
@@ -510,19 +550,31 @@ class Coupler:
         return {"require_encryption": True, "tls_ca_file": ca, "tls_client_cert": cert,
                 "tls_client_key": key, "tls_scheduler_cert": cert, "tls_scheduler_key": key}
 
-    def _field_store_root(self) -> str:
-        """``[coupler] field_store``, else a directory of our own: in /dev/shm when every job
-        runs on this machine, else below the state directory, which batch backends need on a
-        file system their nodes share anyway."""
+    def _field_store_root(self, backend: Backend) -> str:
+        """Where the applications of ``backend`` keep field versions: ``[coupler]
+        field_store``, else a directory of this session below the backend's own place for
+        them (/dev/shm for the local backend, the shared state directory for a cluster)."""
         if self.settings.field_store:
             return self.settings.field_store.rstrip("/")
-        if self.backend.single_host:
-            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        else:
-            base = str(self.backend.state_dir / "fields")
+        if backend.name not in self._store_roots:
+            base = backend.field_store_base()
+            if base is None:
+                raise ConfigError(f"{self.config.where(('coupler', 'field_store'))}: the "
+                                  f"{backend.name} backend has no place for field versions that "
+                                  "every application can read; set one")
             os.makedirs(base, mode=0o700, exist_ok=True)
-        self._own_store = True
-        return tempfile.mkdtemp(prefix="gridcouple-fields-", dir=base)
+            root = tempfile.mkdtemp(prefix="gridcouple-fields-", dir=base)
+            self._own_stores.append(root)
+            self._store_roots[backend.name] = root
+        return self._store_roots[backend.name]
+
+
+def _refuse_simulated(name: str, cls: type[Backend]) -> None:
+    """A simulated backend predicts schedules; it cannot run application servers."""
+    if not cls.hosts_applications:
+        raise ApplicationError(f"backend {name!r} is simulated ({cls.kind}): it predicts "
+                               "schedules and cannot host application servers; choose a "
+                               "backend that runs jobs (local, slurm, ...)")
 
 
 def _quietly_terminate(member: _Member) -> None:

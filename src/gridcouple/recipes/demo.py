@@ -20,7 +20,7 @@ from rich.table import Table
 from gridcouple.backends import open_backend
 from gridcouple.config import Config
 from gridcouple.errors import GridcoupleError
-from gridcouple.jobs import JobSpec, JobState
+from gridcouple.jobs import Job, JobSpec, JobState, JobStatus
 
 ALPHAS = [round(0.1 * k, 1) for k in range(1, 13)]
 END_TIME = 0.1
@@ -67,6 +67,9 @@ def main(config: Config, console: Console) -> None:
                                        f"{counts[JobState.ACTIVE]} running")
         console.print()
         statuses = backend.status(jobs)
+        if not backend.hosts_applications:
+            _print_prediction(console, backend.name, jobs, statuses)
+            return
         table = Table(title="Heat equation sweep: u(0.5, t=0.1)")
         for column in ("job", "alpha", "state", "run time", "u(0.5)", "exact", "rel. error"):
             table.add_column(column, justify="right")
@@ -88,6 +91,20 @@ def main(config: Config, console: Console) -> None:
                                   f"`gridcouple logs ID --stderr`")
     finally:
         backend.close()
+
+
+def _print_prediction(console: Console, name: str, jobs: list[Job],
+                      statuses: list[JobStatus]) -> None:
+    """A simulated backend ran nothing: show the schedule it predicts instead of results."""
+    table = Table(title=f"Heat equation sweep, predicted by the {name} backend (nothing ran)")
+    for column in ("job", "alpha", "state", "start (s)", "end (s)"):
+        table.add_column(column, justify="right")
+    for job, status in zip(jobs, statuses, strict=True):
+        table.add_row(str(job.id), job.spec.argv[-1], str(status.state),
+                      f"{status.start_time or 0:.1f}", f"{status.end_time or 0:.1f}")
+    console.print(table)
+    ends = [s.end_time for s in statuses if s.end_time is not None]
+    console.print(f"predicted makespan: {max(ends, default=0):.1f} s (simulated)")
 
 
 if __name__ == "__main__":

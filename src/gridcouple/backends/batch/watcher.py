@@ -5,7 +5,8 @@ goes through it. It remembers every job any caller asked about and, when a poll 
 the batch system about ALL of them in one native query; between polls it answers from the
 journal. So there is at most one native query per poll interval, whatever the number of jobs or
 callers. The interval follows the backend's backoff: short after a change, growing while
-nothing changes. Final states are read from the journal and never asked for again.
+nothing changes; a submission, cancel, hold or release through the backend makes the next call
+poll. Final states are read from the journal and never asked for again.
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ class StatusWatcher:
         self._due = time.monotonic() + self._interval
 
     def expect_change(self) -> None:
-        """Jobs were just submitted or changed by us: poll again soon."""
+        """Jobs were just submitted, canceled, held or released through this backend: what
+        was seen before is out of date, so the next caller's status polls (once, for all)."""
         with self._lock:
             self._interval = self.backend.backoff.first
-            self._due = min(self._due, time.monotonic() + self._interval)
+            self._due = 0.0
 
     def pause(self) -> float:
         """Seconds until the next native query is due."""

@@ -86,7 +86,6 @@ class LocalBackend(SharedFileSystem, Backend):
 
     kind = "local"
     Options = LocalOptions
-    single_host = True
     backoff = Backoff(first=0.01, most=0.25)
 
     def __init__(self, options: LocalOptions | None = None, **kwargs: Any) -> None:
