@@ -7,10 +7,9 @@ import subprocess
 import textwrap
 
 import pytest
-from gridcouple.backends.batch.script import parse_exit_record, render_script, task_line
-from gridcouple.backends.slurm import SlurmBackend
 
-from gridcouple.backends.slurm import SlurmOptions
+from gridcouple.backends.batch.script import parse_exit_record, render_script, task_line
+from gridcouple.backends.slurm import SlurmBackend, SlurmOptions
 from gridcouple.backends.slurm.backend import (
     compact_native_ids,
     expand_native_ids,
