@@ -12,7 +12,9 @@ stdout, and, when started by a coupler:
    speaks mutual TLS only; the session's certificate comes in ``$GRIDCOUPLE_SCHEDULER_TLS``.
 
 It ends after ``terminate()``, on SIGTERM or SIGINT (the batch system cancelling the job), or
-when its coupler disappears. The secret comes in ``$GRIDCOUPLE_APP_TOKEN``.
+when its coupler disappears. The secret comes in ``$GRIDCOUPLE_APP_TOKEN``; what a peer may make
+it hold in ``$GRIDCOUPLE_MAX_FRAME``, ``$GRIDCOUPLE_MAX_PENDING`` and
+``$GRIDCOUPLE_HANDSHAKE_TIMEOUT`` (see :class:`~gridcouple.appkit.transport.Limits`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 from gridcouple.appkit.application import Application
 from gridcouple.appkit.transport import (
+    Limits,
     ObjectServer,
     TransportError,
     connect,
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cls = load_application_class(args.app)
         token = local_token()
+        limits = Limits.from_env()
     except (ValueError, TransportError) as exc:
         print(f"gridcouple app server: error: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     tls = tls_contexts(json.loads(os.environ.get(TLS_ENV, "{}")))
     app = cls()
     server = ObjectServer(app, token, host=args.host, port=args.port,
-                          tls=tls[0] if tls else None)
+                          tls=tls[0] if tls else None, limits=limits)
     server.start()
     stop = server.stopped
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,13 +10,21 @@ Buffers are sent with one gathering ``sendmsg`` and received straight into their
 memory, so a field crosses the channel with no copy in Python on either side. Beyond loopback
 the coupler configures TLS (the same certificates as its dask scheduler): both ends then
 present a certificate signed by the configured CA (see :func:`tls_contexts`).
+
+What a peer may make us hold is bounded (:class:`Limits`, from the environment): a frame's
+size, checked against its prefix before anything is allocated; the number of connections not
+yet authenticated; and the time one may take to authenticate, TLS included. Listeners accept
+through :class:`Acceptor`, which outlives every transient error (EMFILE and the like).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import select
@@ -27,6 +35,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +46,9 @@ from gridcouple.errors import GridcoupleError
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "GRIDCOUPLE_APP_TOKEN"
+MAX_FRAME_ENV = "GRIDCOUPLE_MAX_FRAME"
+MAX_PENDING_ENV = "GRIDCOUPLE_MAX_PENDING"
+HANDSHAKE_TIMEOUT_ENV = "GRIDCOUPLE_HANDSHAKE_TIMEOUT"
 _MAGIC = b"GRIDCOUPLE-APP/1\n"
 _NONCE = 32
 _PREFIX = struct.Struct("<IH")
@@ -60,6 +72,11 @@ class CallTimeoutError(TransportError):
     """A call did not return within the proxy's ``call_timeout``; the proxy is closed."""
 
 
+class FrameTooLargeError(TransportError):
+    """A frame is larger than the channel's ``max_frame``: refused before it is sent, or (a
+    claim in a received prefix) before anything is allocated for it."""
+
+
 class RemoteError(GridcoupleError):
     """The application raised an exception; ``remote_type`` and ``remote_traceback`` tell what."""
 
@@ -67,6 +84,53 @@ class RemoteError(GridcoupleError):
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a peer may make us hold.
+
+    ``max_frame``: bytes in one frame, header and buffers (a field sent by copy is one frame:
+    1 GiB holds a 4096 x 32768 float64 field; larger fields go by reference). Both ends must
+    agree: a sender refuses a frame its own limit refuses. ``max_pending``: connections that
+    have not authenticated yet; a new one beyond it drops the oldest. ``handshake_timeout``:
+    seconds from accepting a connection to its authentication, TLS included.
+    """
+
+    max_frame: int = 1 << 30
+    max_pending: int = 64
+    handshake_timeout: float = _HANDSHAKE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame", "max_pending"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive whole number, got {value!r}")
+        timeout = self.handshake_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+                or not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"Limits.handshake_timeout must be a positive number of seconds, "
+                             f"got {timeout!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:
+        """The defaults, overridden by ``$GRIDCOUPLE_MAX_FRAME`` (bytes),
+        ``$GRIDCOUPLE_MAX_PENDING`` and ``$GRIDCOUPLE_HANDSHAKE_TIMEOUT`` (seconds)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for key, name, kind in ((MAX_FRAME_ENV, "max_frame", int),
+                                (MAX_PENDING_ENV, "max_pending", int),
+                                (HANDSHAKE_TIMEOUT_ENV, "handshake_timeout", float)):
+            text = environ.get(key, "").strip()
+            if not text:
+                continue
+            try:
+                values[name] = kind(text)
+                cls(**values)  # this variable's value checked, naming it
+            except ValueError:
+                raise TransportError(f"${key}={text!r}: expected a positive "
+                                     f"{'whole number' if kind is int else 'number'}") from None
+        return cls(**values)
 
 
 def app_token(session_secret: str, name: str) -> str:
@@ -91,21 +155,44 @@ def format_endpoint(host: str, port: int) -> str:
 
 # --- frames ---------------------------------------------------------------------------------
 
-def frame(value: Any) -> list[bytes | memoryview]:
-    """The parts of one frame carrying ``value``; raises TypeError (before anything is sent)
-    for a value the wire cannot carry."""
+def frame(value: Any, max_frame: int | None = None) -> list[bytes | memoryview]:
+    """The parts of one frame carrying ``value``; raises TypeError for a value the wire cannot
+    carry, and FrameTooLargeError for one of more than ``max_frame`` bytes (both before
+    anything is sent)."""
     header, buffers = encode(value)
+    if len(buffers) > 0xFFFF:
+        raise TypeError(f"cannot send {len(buffers)} arrays in one value (at most 65535)")
     prefix = _PREFIX.pack(len(header), len(buffers))
     if buffers:
         prefix += struct.pack(f"<{len(buffers)}Q", *(b.nbytes for b in buffers))
+    size = len(prefix) + len(header) + sum(b.nbytes for b in buffers)
+    if max_frame is not None and size > max_frame:
+        raise FrameTooLargeError(
+            f"a value of {_size(size)} is more than the channel carries in one frame "
+            f"({_size(max_frame)}, ${MAX_FRAME_ENV} on both ends); send large fields by "
+            "reference (get_field(..., mode='ref')) or raise the limit")
     return [prefix + header, *buffers]
 
 
-class Channel:
-    """Frames over one connected socket. Not thread-safe: one request at a time."""
+def _size(nbytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.4g} {unit}"
+    return f"{nbytes} bytes"
 
-    def __init__(self, sock: socket.socket) -> None:
+
+class Channel:
+    """Frames over one connected socket. Not thread-safe: one request at a time.
+
+    A received frame larger than ``max_frame`` (default: :meth:`Limits.from_env`) raises
+    FrameTooLargeError from its prefix, before anything is allocated for it; the channel is
+    then out of step and must be closed. While ``deadline`` (a ``time.monotonic()`` value) is
+    set, every read waits at most until then."""
+
+    def __init__(self, sock: socket.socket, max_frame: int | None = None) -> None:
         self.sock = sock
+        self.max_frame = Limits.from_env().max_frame if max_frame is None else max_frame
+        self.deadline: float | None = None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray(_SMALL)
         self._start = self._end = 0
@@ -115,7 +202,7 @@ class Channel:
 
     def send(self, value: Any) -> None:
         """Send one value as a frame."""
-        self.send_parts(frame(value))
+        self.send_parts(frame(value, self.max_frame))
 
     def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Send byte strings in order with as few system calls as the kernel allows."""
@@ -133,16 +220,31 @@ class Channel:
                 views[0] = views[0][sent:]
 
     def receive(self) -> Any:
-        """Receive one frame and decode it; arrays land in freshly allocated numpy memory."""
+        """Receive one frame and decode it; arrays land in freshly allocated numpy memory.
+        ValueError for a frame that does not decode (the channel stays in step)."""
         header_length, count = _PREFIX.unpack(self._take(_PREFIX.size))
+        self._check_claim(_PREFIX.size + 8 * count + header_length, header_length, count)
         lengths = struct.unpack(f"<{count}Q", self._take(8 * count)) if count else ()
+        self._check_claim(_PREFIX.size + 8 * count + header_length + sum(lengths),
+                          header_length, count)
         header = self._take(header_length)
         buffers = []
         for length in lengths:
-            target = np.empty(length, dtype=np.uint8)
-            self.receive_into(memoryview(target))
+            try:
+                target = np.empty(length, dtype=np.uint8)
+            except MemoryError:
+                raise FrameTooLargeError(f"cannot allocate {_size(length)} for a received "
+                                         "frame") from None
+            self.receive_into(memoryview(target))  # type: ignore[arg-type]
             buffers.append(target)
         return decode(header, buffers)
+
+    def _check_claim(self, size: int, header_length: int, count: int) -> None:
+        if size > self.max_frame:
+            raise FrameTooLargeError(
+                f"the peer announced a frame of {_size(size)} (a header of "
+                f"{_size(header_length)} and {count} buffers), more than the limit of "
+                f"{_size(self.max_frame)} (${MAX_FRAME_ENV})")
 
     def receive_into(self, target: memoryview) -> None:
         """Fill ``target`` from the stream: first what is buffered, then straight from the
@@ -151,7 +253,7 @@ class Channel:
         target[:done] = self._buffer[self._start: self._start + done]
         self._start += done
         while done < target.nbytes:
-            got = self.sock.recv_into(target[done:])
+            got = self._recv_into(target[done:])
             if not got:
                 raise ConnectionLostError("the peer closed the connection")
             done += got
@@ -161,21 +263,30 @@ class Channel:
 
     def _take(self, size: int) -> bytes:
         if self._end - self._start < size:
-            if size > len(self._buffer):
-                self._buffer.extend(bytes(size - len(self._buffer)))
             if self._start:
                 remaining = self._end - self._start
                 self._buffer[:remaining] = self._buffer[self._start: self._end]
                 self._start, self._end = 0, remaining
-            view = memoryview(self._buffer)
             while self._end < size:
-                got = self.sock.recv_into(view[self._end:])
+                if self._end == len(self._buffer):  # grow with what arrives, not with a claim
+                    self._buffer.extend(bytes(min(size, 2 * len(self._buffer))
+                                              - len(self._buffer)))
+                with memoryview(self._buffer) as view:
+                    got = self._recv_into(view[self._end:])
                 if not got:
                     raise ConnectionLostError("the peer closed the connection")
                 self._end += got
         data = bytes(self._buffer[self._start: self._start + size])
         self._start += size
         return data
+
+    def _recv_into(self, view: memoryview) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(view)
 
 
 # --- the handshake ----------------------------------------------------------------------
@@ -186,46 +297,74 @@ def _digest(token: str, role: bytes, nonce: bytes) -> bytes:
 
 def accept_handshake(channel: Channel, token_for: Callable[[str], str | None]) -> str:
     """The listening side: challenge the peer, check its answer with the secret
-    ``token_for(its name)``, answer its challenge; returns the peer's name."""
+    ``token_for(its name)``, answer its challenge; returns the peer's name. In a connection
+    an :class:`Acceptor` handed over, all of it must end by the connection's handshake
+    deadline; elsewhere within 10 s."""
     sock = channel.sock
-    sock.settimeout(_HANDSHAKE_TIMEOUT)
-    nonce = secrets.token_bytes(_NONCE)
-    sock.sendall(_MAGIC + nonce)
-    name = channel._take(channel._take(1)[0]).decode("utf-8", "replace")
-    reply = channel._take(2 * _NONCE)
-    token = token_for(name)
-    if token is None or not hmac.compare_digest(reply[:_NONCE],
-                                                _digest(token, b"client", nonce)):
-        raise AuthenticationError(f"the peer {name!r} failed the challenge (wrong secret)")
-    sock.sendall(_digest(token, b"server", reply[_NONCE:]))
+    deadline, timeout = _handshake_deadline()
+    channel.deadline = deadline
+    try:
+        nonce = secrets.token_bytes(_NONCE)
+        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+        sock.sendall(_MAGIC + nonce)
+        name = channel._take(channel._take(1)[0]).decode("utf-8", "replace")
+        reply = channel._take(2 * _NONCE)
+        token = token_for(name)
+        if token is None or not hmac.compare_digest(reply[:_NONCE],
+                                                    _digest(token, b"client", nonce)):
+            raise AuthenticationError(f"the peer {name!r} failed the challenge (wrong secret)")
+        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+        sock.sendall(_digest(token, b"server", reply[_NONCE:]))
+    except TimeoutError:
+        raise TransportError(f"the peer did not authenticate within {timeout:g} s") from None
+    finally:
+        channel.deadline = None
     sock.settimeout(None)
+    _authenticated()
     return name
 
 
 def accept_tls(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
-    """The accepted socket, wrapped in TLS when ``tls`` is given (failures are OSErrors)."""
+    """The accepted socket, wrapped in TLS when ``tls`` is given (failures are OSErrors or
+    TransportErrors; the socket is closed then). The TLS handshake counts towards the
+    connection's handshake deadline."""
     if tls is None:
         return sock
-    sock.settimeout(_HANDSHAKE_TIMEOUT)
-    return tls.wrap_socket(sock, server_side=True)
+    deadline, timeout = _handshake_deadline()
+    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+    wrapped = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    _pending_socket(wrapped)  # dropping the connection now shuts this one down
+    try:
+        wrapped.do_handshake()  # bounded as a whole by the socket's timeout
+    except TimeoutError:
+        wrapped.close()
+        raise TransportError(f"the peer did not complete TLS within {timeout:g} s") from None
+    except BaseException:
+        wrapped.close()
+        raise
+    return wrapped
 
 
 def connect_handshake(channel: Channel, token: str, name: str = "") -> None:
     """The connecting side, introducing itself as ``name``: answer the challenge, then check
-    the listener's answer."""
+    the listener's answer (all of it within 10 s)."""
     sock = channel.sock
+    channel.deadline = time.monotonic() + _HANDSHAKE_TIMEOUT
     sock.settimeout(_HANDSHAKE_TIMEOUT)
-    greeting = channel._take(len(_MAGIC) + _NONCE)
-    if not greeting.startswith(_MAGIC):
-        raise TransportError("the peer is not a gridcouple application server")
-    nonce = secrets.token_bytes(_NONCE)
-    identity = name.encode()[:255]
-    sock.sendall(bytes([len(identity)]) + identity
-                 + _digest(token, b"client", greeting[len(_MAGIC):]) + nonce)
     try:
-        answer = channel._take(_NONCE)
-    except ConnectionLostError:
-        raise AuthenticationError("the server refused us (wrong secret?)") from None
+        greeting = channel._take(len(_MAGIC) + _NONCE)
+        if not greeting.startswith(_MAGIC):
+            raise TransportError("the peer is not a gridcouple application server")
+        nonce = secrets.token_bytes(_NONCE)
+        identity = name.encode()[:255]
+        sock.sendall(bytes([len(identity)]) + identity
+                     + _digest(token, b"client", greeting[len(_MAGIC):]) + nonce)
+        try:
+            answer = channel._take(_NONCE)
+        except ConnectionLostError:
+            raise AuthenticationError("the server refused us (wrong secret?)") from None
+    finally:
+        channel.deadline = None
     if not hmac.compare_digest(answer, _digest(token, b"server", nonce)):
         raise AuthenticationError("the server failed the challenge (wrong secret)")
     sock.settimeout(None)
@@ -268,25 +407,199 @@ def connect(endpoint: str, token: str, name: str = "", timeout: float = 10.0,
     return channel
 
 
+# --- accepting ----------------------------------------------------------------------------
+
+# accept() errors after which the listener is gone (closed, shut down); any other is transient
+# (EMFILE, ENFILE, ENOBUFS, ENOMEM, ECONNABORTED, EPROTO, EPERM from a firewall...): back off.
+_LISTENER_GONE = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK, errno.EOPNOTSUPP})
+_BACKOFF_FIRST, _BACKOFF_MOST = 0.005, 0.1
+
+
+class _Pending:
+    """A connection not yet authenticated: its socket (the TLS one once wrapped), its
+    handshake deadline, where it comes from."""
+
+    __slots__ = ("deadline", "peer", "sock", "timeout")
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout: float,
+                 peer: str) -> None:
+        self.sock, self.deadline, self.timeout, self.peer = sock, deadline, timeout, peer
+
+
+# The connection the current thread is authenticating, if an Acceptor handed it over: how
+# accept_tls and accept_handshake find its deadline and release its place once it is in.
+_current = threading.local()
+
+
+def _handshake_deadline() -> tuple[float, float]:
+    """(deadline, its length in seconds) of the current thread's handshake."""
+    entry = getattr(_current, "entry", None)
+    if entry is not None:
+        return entry[1].deadline, entry[1].timeout
+    return time.monotonic() + _HANDSHAKE_TIMEOUT, _HANDSHAKE_TIMEOUT
+
+
+def _pending_socket(sock: socket.socket) -> None:
+    entry = getattr(_current, "entry", None)
+    if entry is not None:
+        entry[1].sock = sock
+
+
+def _authenticated() -> None:
+    entry = getattr(_current, "entry", None)
+    if entry is not None:
+        _current.entry = None
+        entry[0]._release(entry[1])
+
+
+class Acceptor:
+    """Accepts connections on ``listener`` and calls ``handle(sock)`` for each in a thread of
+    its own, until the listener is closed or :meth:`stop` is called. Every accept error but a
+    closed listener is waited out with a short back-off (one EMFILE must not end accepting).
+
+    ``handle`` authenticates with :func:`accept_tls` and :func:`accept_handshake`; until
+    then a connection is pending: it must authenticate within ``limits.handshake_timeout``
+    of being accepted, and at most ``limits.max_pending`` are pending at once (a new one
+    beyond that drops the oldest, so a flood of idle connections cannot keep a quick peer
+    out)."""
+
+    def __init__(self, listener: socket.socket, handle: Callable[[socket.socket], None], *,
+                 limits: Limits | None = None, name: str = "accept") -> None:
+        self.listener = listener
+        self.handle = handle
+        self.limits = limits or Limits.from_env()
+        self.name = name
+        self.stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[_Pending, None] = {}  # oldest first
+        self._dropped = 0  # pending connections dropped for newer ones, since the last log
+
+    def start(self) -> threading.Thread:
+        """Accept in a background thread (returned)."""
+        thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Stop accepting and close the listener (pending connections end on their own)."""
+        self.stopped.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
+        self.listener.close()
+
+    @property
+    def pending(self) -> int:
+        """How many connections are waiting to authenticate."""
+        return len(self._pending)
+
+    def run(self) -> None:
+        """The accept loop, in the calling thread."""
+        backoff, failures = _BACKOFF_FIRST, 0
+        while not self.stopped.is_set():
+            try:
+                sock, address = self.listener.accept()
+            except OSError as exc:
+                if self._gone(exc):
+                    return
+                failures += 1
+                if failures == 1:
+                    log.warning("%s: accepting failed (%s); retrying", self.name, exc)
+                self.stopped.wait(backoff)
+                backoff = min(2 * backoff, _BACKOFF_MOST)
+                continue
+            if failures:
+                log.warning("%s: accepting again after %d failed tries", self.name, failures)
+                backoff, failures = _BACKOFF_FIRST, 0
+            if self.stopped.is_set() or self.listener.fileno() == -1:
+                sock.close()
+                return
+            self._admit(sock, address)
+
+    def _gone(self, exc: OSError) -> bool:
+        return (self.stopped.is_set() or self.listener.fileno() == -1
+                or exc.errno in _LISTENER_GONE)
+
+    def _admit(self, sock: socket.socket, address: Any) -> None:
+        timeout = self.limits.handshake_timeout
+        entry = _Pending(sock, time.monotonic() + timeout, timeout, _peer_text(address))
+        with self._lock:
+            while len(self._pending) >= self.limits.max_pending:
+                self._drop(next(iter(self._pending)))
+            self._pending[entry] = None
+        try:
+            threading.Thread(target=self._run, args=(sock, entry), name=f"{self.name}-conn",
+                             daemon=True).start()
+        except RuntimeError as exc:  # no thread to spare: this connection only is refused
+            log.warning("%s: refused a connection from %s: %s", self.name, entry.peer, exc)
+            self._release(entry)
+            sock.close()
+
+    def _drop(self, entry: _Pending) -> None:
+        """Make room: end the oldest pending connection (its thread sees it closed)."""
+        del self._pending[entry]
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(entry.sock, socket.SHUT_RDWR)
+        self._dropped += 1
+        if self._dropped == 1 or self._dropped % 1000 == 0:
+            log.warning("%s: %d connections are waiting to authenticate (%s=%d); dropped the "
+                        "oldest, from %s (%d so far)", self.name, len(self._pending) + 1,
+                        MAX_PENDING_ENV, self.limits.max_pending, entry.peer, self._dropped)
+
+    def _release(self, entry: _Pending) -> None:
+        with self._lock:
+            self._pending.pop(entry, None)
+            if not self._pending:
+                self._dropped = 0
+
+    def _run(self, sock: socket.socket, entry: _Pending) -> None:
+        _current.entry = (self, entry)
+        try:
+            self.handle(sock)
+        except Exception:  # a bug in a handler ends its connection, never the server
+            log.exception("%s: the connection from %s failed", self.name, entry.peer)
+            with contextlib.suppress(OSError):
+                entry.sock.close()
+        finally:
+            _current.entry = None
+            self._release(entry)
+
+
+def accept_connections(listener: socket.socket, handle: Callable[[socket.socket], None], *,
+                       limits: Limits | None = None, name: str = "accept") -> None:
+    """Run an :class:`Acceptor` on ``listener`` in the calling thread until it is closed."""
+    Acceptor(listener, handle, limits=limits, name=name).run()
+
+
+def _peer_text(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return format_endpoint(str(address[0]), int(address[1]))
+    return str(address) or "an unnamed peer"
+
+
 # --- serving ------------------------------------------------------------------------------
 
 class ObjectServer:
     """Serves the public methods of ``target`` to authenticated peers, one thread per
-    connection. ``stopped`` is set after a call named in ``stop_after`` returns."""
+    connection. ``stopped`` is set after a call named in ``stop_after`` returns. ``limits``
+    (default :meth:`Limits.from_env`) bound what a peer may make it hold."""
 
     def __init__(self, target: Any, token: str, *, host: str = "127.0.0.1", port: int = 0,
                  stop_after: Sequence[str] = ("terminate",),
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, limits: Limits | None = None) -> None:
         self.target = target
         self.token = token
         self.tls = tls
+        self.limits = limits or Limits.from_env()
         self.stop_after = set(stop_after)
         self.stopped = threading.Event()
         self.stopped_by: str | None = None  # the call that stopped the server, if one did
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=64)
+        # A deep backlog: a burst of connections waits in the kernel, not in SYN retries.
+        self.listener = socket.create_server((host, port), family=family, backlog=1024)
         self.host = host
         self.port = self.listener.getsockname()[1]
+        self.acceptor = Acceptor(self.listener, self._serve, limits=self.limits,
+                                 name=f"app server {self.endpoint}")
 
     @property
     def endpoint(self) -> str:
@@ -294,51 +607,53 @@ class ObjectServer:
 
     def start(self) -> None:
         """Accept connections in a background thread."""
-        threading.Thread(target=self._accept, name="accept", daemon=True).start()
+        self.acceptor.start()
 
     def close(self) -> None:
         self.stopped.set()
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), name="call", daemon=True).start()
+        self.acceptor.stop()
 
     def _serve(self, sock: socket.socket) -> None:
+        peer = _peer_of(sock)
         try:
             sock = accept_tls(sock, self.tls)
-            channel = Channel(sock)
+            channel = Channel(sock, self.limits.max_frame)
             accept_handshake(channel, lambda _name: self.token)
         except (OSError, TransportError) as exc:
-            log.warning("refused a connection: %s", exc)
+            log.warning("refused a connection from %s: %s", peer, exc)
             sock.close()
             return
         with channel.sock:
             while True:
                 try:
-                    method, args, kwargs = channel.receive()
+                    request = channel.receive()
                 except (OSError, TransportError, ValueError) as exc:
                     if not isinstance(exc, ConnectionLostError):
-                        log.warning("closing a connection: %s", exc)
+                        log.warning("closing the connection from %s: %s", peer, exc)
                     return
-                reply = self._call(method, args, kwargs)
+                method = request[0] if _is_request(request) else None
+                reply = self._call(request)
                 try:
-                    parts = frame(reply)
-                except TypeError as exc:  # a result the wire cannot carry
-                    parts = frame(_error_reply(TypeError(f"the result of {method} cannot be "
+                    parts = frame(reply, channel.max_frame)
+                except (TypeError, FrameTooLargeError) as exc:  # a result we cannot send
+                    parts = frame(_error_reply(type(exc)(f"the result of {method} cannot be "
                                                          f"sent: {exc}")))
-                channel.send_parts(parts)
+                try:
+                    channel.send_parts(parts)
+                except OSError as exc:
+                    log.warning("closing the connection from %s: %s", peer, exc)
+                    return
                 if method in self.stop_after:
                     self.stopped_by = method
                     self.stopped.set()
 
-    def _call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    def _call(self, request: Any) -> list[Any]:
         try:
-            if not isinstance(method, str) or method.startswith("_"):
+            if not _is_request(request):
+                raise TypeError("a request is [method, [arguments], {keyword arguments}], got "
+                                f"{str(request)[:200]}")
+            method, args, kwargs = request
+            if method.startswith("_"):
                 raise AttributeError(f"{method!r} is not a public method")
             function = getattr(self.target, method)
             if not callable(function):
@@ -346,6 +661,19 @@ class ObjectServer:
             return [0, function(*args, **kwargs)]
         except Exception as exc:
             return _error_reply(exc)
+
+
+def _is_request(request: Any) -> bool:
+    return (isinstance(request, list | tuple) and len(request) == 3
+            and isinstance(request[0], str) and isinstance(request[1], list | tuple)
+            and isinstance(request[2], dict) and all(isinstance(k, str) for k in request[2]))
+
+
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        return _peer_text(sock.getpeername())
+    except OSError:
+        return "a peer gone"
 
 
 def _error_reply(exc: Exception) -> list[Any]:
@@ -413,7 +741,8 @@ class ApplicationProxy:
                 raise self._lost
             channel = self._channel
             assert channel is not None
-            request = frame([method, list(args), kwargs])  # TypeError here leaves us usable
+            # A TypeError or FrameTooLargeError here leaves us usable: nothing was sent.
+            request = frame([method, list(args), kwargs], channel.max_frame)
             try:
                 channel.send_parts(request)
                 self._await_reply(channel, method)

@@ -52,17 +52,26 @@ def encode(value: Any) -> tuple[bytes, list[memoryview]]:
 
 
 def decode(header: bytes, buffers: Sequence[Any]) -> Any:
-    """The value :func:`encode` sent; arrays are views of ``buffers`` (writable if they are)."""
+    """The value :func:`encode` sent; arrays are views of ``buffers`` (writable if they are).
+    Whatever the bytes, the only error is ValueError ("malformed frame: ...")."""
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == _ARRAY:
             dtype, shape, index = msgpack.unpackb(data)
-            return np.frombuffer(buffers[index], dtype=np.dtype(dtype)).reshape(tuple(shape))
+            kind = np.dtype(dtype)
+            if kind.hasobject or kind.fields is not None or kind.subdtype is not None:
+                raise ValueError(f"arrays of dtype {kind} are not carried")
+            if not (isinstance(index, int) and 0 <= index < len(buffers)):
+                raise ValueError(f"array buffer {index!r} is not in the frame")
+            return np.frombuffer(buffers[index], dtype=kind).reshape(tuple(shape))
         if code == _OBJECT:
             name, payload = msgpack.unpackb(data, ext_hook=ext_hook, strict_map_key=False)
-            if name not in _OBJECT_TYPES:
+            if not isinstance(name, str) or name not in _OBJECT_TYPES:
                 raise ValueError(f"unknown object type {name!r} on the wire")
             return _OBJECT_TYPES[name].from_wire(payload)
         raise ValueError(f"unknown msgpack extension type {code}")
 
-    return msgpack.unpackb(header, ext_hook=ext_hook, strict_map_key=False)
+    try:
+        return msgpack.unpackb(header, ext_hook=ext_hook, strict_map_key=False)
+    except Exception as exc:  # msgpack's, numpy's, an object's own check: all mean bad bytes
+        raise ValueError(f"malformed frame: {type(exc).__name__}: {exc}") from exc
