@@ -196,6 +196,13 @@ def test_job_array_lands_on_every_node_and_writes_to_the_shared_directory(
         missing = [r.name for r in results if not r.exists()]
         assert not missing, f"no result from {missing}; " + " ".join(
             p.read_text() for p in shared_tmp_path.glob("task-*.out"))
+        while time.monotonic() < deadline:  # let the tasks clean their /tmp up
+            queue = subprocess.run(["squeue", "-h", "-j", job, "-t", "all", "-o", "%T"],
+                                   env=slurm_multi.env, capture_output=True, text=True,
+                                   timeout=10)
+            if set(queue.stdout.split()) <= {"COMPLETED"}:
+                break
+            time.sleep(0.2)
     finally:
         subprocess.run(["scancel", job], env=slurm_multi.env, capture_output=True, timeout=10)
     ran = {}
