@@ -10,6 +10,7 @@ directory the pool cannot see gets its input and brings its output back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import time
@@ -50,7 +51,8 @@ def clusters():
     ids: list[int] = []
     yield ids
     if ids:
-        schedd().act(htcondor2.JobAction.Remove, " || ".join(f"ClusterId == {c}" for c in ids))
+        with contextlib.suppress(htcondor2.HTCondorException):  # the pool may be gone by now
+            schedd().act(htcondor2.JobAction.Remove, " || ".join(f"ClusterId == {c}" for c in ids))
 
 
 def wait_for_status(cluster: int, status: int, timeout: float = 60.0) -> list:
