@@ -22,6 +22,13 @@ Version numbers are taken exclusively too: on a file system a version is written
 version); on other fsspec stores the version's group metadata is created create-only before its
 values are written in place. So a reader never sees half a version, two writers never share a
 number, and a producer killed mid-write leaves the earlier versions as they were.
+
+What a writer stages is named for its process (host, pid and start time): opening a store
+removes what dead writers of this host left in ``.staging`` (and, from other hosts or from
+before the names carried their writer, what is older than a day). Field ids are the store's
+names too, so ids it uses itself (``meshes``, ``zarr.json``, any starting with ``.``) are
+refused. :func:`new_scratch_root` makes a session's own directory of stores, named for its
+process likewise, after removing those whose process is gone.
 """
 
 from __future__ import annotations
@@ -31,9 +38,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import sys
+import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +71,13 @@ _VERSION_PREFIX = "v"
 _STAGING = ".staging"
 _MESHES = "meshes"
 _TIMES = "times"
+_RESERVED_IDS = frozenset({_MESHES, "zarr.json"})  # the root's own names (and ".*")
+_STORED_MESH = re.compile(rf"{_MESHES}/[0-9a-f]{{40}}")
+#: staging left by a writer whose liveness cannot be told (another host) is stale after this
+STALE_STAGING_AGE = 24 * 3600.0
+SCRATCH_PREFIX = "gridcouple-fields-"
+# host_pid_starttime_ at the start of a name: the process that made it
+_OWNER = re.compile(r"(?P<host>[A-Za-z0-9.-]+)_(?P<pid>[0-9]{1,10})_(?P<start>[0-9]{1,20})_")
 # On file systems whose create-only write checks, then writes (memory://, fsspec's default
 # pipe_file), this lock makes it one step within one process; see _needs_create_lock.
 _CREATE_LOCK = threading.Lock()
@@ -104,6 +123,21 @@ class FieldRef:
     time: float | None = None
     location: str = "vertex"
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A reference (perhaps from the wire) names a version inside its store only."""
+        _check_field_id(self.field_id)
+        if isinstance(self.version, bool) or not isinstance(self.version, int) \
+                or self.version < 0:
+            raise ValueError(f"FieldRef of field {self.field_id!r}: version must be a whole "
+                             f"number >= 0, got {self.version!r}")
+        if not isinstance(self.mesh, Mapping):
+            raise ValueError(f"FieldRef of field {self.field_id!r}: mesh must be a mapping")
+        if self.mesh.get("kind") == "stored" and not (
+                isinstance(self.mesh.get("path"), str)
+                and _STORED_MESH.fullmatch(self.mesh["path"])):
+            raise ValueError(f"FieldRef of field {self.field_id!r}: a stored mesh lives at "
+                             f"{_MESHES}/<sha1>, not at {self.mesh.get('path')!r}")
 
     @property
     def group_path(self) -> str:
@@ -191,6 +225,7 @@ class FieldStore:
         self.chunk_bytes = chunk_bytes
         self._groups: set[str] = set()  # the groups this store has made or found
         if self.local:
+            _clean_staging(_local_path(self.url) / _STAGING)
             self._ensure_groups_once(_STAGING)  # a group, so zarr sees no stray folder
 
     def __repr__(self) -> str:
@@ -203,6 +238,7 @@ class FieldStore:
         reference. The same values again for that time return the version already there;
         other values raise :class:`VersionConflictError`."""
         field_id = field.field_id
+        _check_field_id(field_id)
         time_key = _time_key(field.time, field_id)
         values = np.ascontiguousarray(field.values)
         if values.dtype.hasobject:
@@ -215,7 +251,7 @@ class FieldStore:
         attributes = {**field.describe(), "mesh": mesh}
         self._ensure_groups_once(f"{field_id}/{_TIMES}")
         if self.local:
-            staging = _local_path(self.url) / _STAGING / uuid.uuid4().hex
+            staging = _staging_path(self.url)
             _write_version(str(staging), field, values, chunks, attributes)
             version = self._publish(staging, field_id)
         else:
@@ -297,7 +333,7 @@ class FieldStore:
         if self.local:
             final = _local_path(self.url) / path
             if not final.exists():
-                staging = _local_path(self.url) / _STAGING / uuid.uuid4().hex
+                staging = _staging_path(self.url)
                 _write_mesh(str(staging), mesh)
                 self._ensure_groups_once(_MESHES)
                 try:
@@ -332,8 +368,7 @@ class FieldStore:
     def field_ids(self) -> list[str]:
         """The field ids with at least one committed version."""
         return sorted(name for name in _list_dir(self.url, "")
-                      if FIELD_ID_PATTERN.fullmatch(name) and name != _MESHES
-                      and self._latest(name) is not None)
+                      if _id_problem(name) is None and self._latest(name) is not None)
 
     def ref(self, field_id: str, version: int | None = None, *,
             time: float | None = None) -> FieldRef:
@@ -435,8 +470,129 @@ class FieldStore:
 # --- helpers -----------------------------------------------------------------------------
 
 def _check_field_id(field_id: str) -> None:
-    if not FIELD_ID_PATTERN.fullmatch(field_id):
-        raise ValueError(f"invalid field id {field_id!r}")
+    problem = _id_problem(field_id)
+    if problem is not None:
+        raise ValueError(f"invalid field id {field_id!r}: {problem}")
+
+
+def _id_problem(field_id: Any) -> str | None:
+    """Why ``field_id`` cannot name a field in a store, or None."""
+    if not isinstance(field_id, str) or not FIELD_ID_PATTERN.fullmatch(field_id):
+        return "use 1-128 letters, digits, '_', '.', '+' or '-'"
+    if field_id.startswith(".") or field_id.lower() in _RESERVED_IDS:
+        return ("the store keeps its own data under that name (ids may not start with '.' "
+                f"nor be {' or '.join(sorted(_RESERVED_IDS))})")
+    return None
+
+
+# --- who wrote it: staging and scratch directories named for their process ----------------
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+
+
+def _owner_tag() -> str:
+    """``host_pid_starttime``: this process, as the names of what it stages carry it."""
+    global _TAG
+    pid = os.getpid()
+    if _TAG is None or _TAG[0] != pid:  # once per process (a fork is another)
+        _TAG = (pid, f"{_host()}_{pid}_{_start_time(pid) or 0}")
+    return _TAG[1]
+
+
+_TAG: tuple[int, str] | None = None
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot; 0 where that cannot be read);
+    None if there is no such process, or only its zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        return None if fields[0] == b"Z" else int(fields[19])
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
+def _owner_gone(name: str) -> bool | None:
+    """Whether the process ``name`` starts with (see :func:`_owner_tag`) has ended: None
+    when that cannot be told (no tag, or another host's)."""
+    match = _OWNER.match(name)
+    if match is None or match["host"] != _host():
+        return None
+    started, recorded = _start_time(int(match["pid"])), int(match["start"])
+    return started is None or (0 not in (started, recorded) and started != recorded)
+
+
+def _staging_path(url: str, suffix: str = "") -> Path:
+    """A fresh name in the store's staging folder, carrying its writer."""
+    return _local_path(url) / _STAGING / f"{_owner_tag()}_{uuid.uuid4().hex}{suffix}"
+
+
+def _clean_staging(staging: Path) -> None:
+    """Remove what writers left in ``staging``: of this host, once their process is gone;
+    else (another host's, or untagged) once untouched for STALE_STAGING_AGE."""
+    try:
+        entries = list(os.scandir(staging))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.name == "zarr.json":
+            continue
+        gone = _owner_gone(entry.name)
+        try:
+            if gone is None:
+                gone = time.time() - entry.stat(follow_symlinks=False).st_mtime \
+                    > STALE_STAGING_AGE
+            if not gone:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except FileNotFoundError:  # another opener removed it first
+            continue
+
+
+def new_scratch_root(base: str | os.PathLike[str] | None = None) -> str:
+    """A new directory (mode 0700) for a session's field stores in ``base`` (default: the
+    temporary directory), named for this process; first removes the ones in ``base`` whose
+    process is gone (:func:`clean_orphaned_scratch_roots`)."""
+    clean_orphaned_scratch_roots(base)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_owner_tag()}_", dir=base)
+
+
+def clean_orphaned_scratch_roots(base: str | os.PathLike[str] | None = None) -> list[str]:
+    """Remove the directories :func:`new_scratch_root` made in ``base`` whose process, on
+    this host, is gone (a SIGKILLed coupler's /dev/shm/gridcouple-fields-*), and return
+    them. Live ones, other hosts', other users', untagged ones and symlinks are left."""
+    base = os.fspath(base) if base is not None else tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(SCRATCH_PREFIX)
+                and _owner_gone(entry.name.removeprefix(SCRATCH_PREFIX))):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
 
 
 def _chunks_for(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
@@ -568,7 +724,7 @@ def _create_exclusive(url: str, path: str, data: bytes) -> bool:
     if _is_local(url):
         target = _local_path(url) / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = _local_path(url) / _STAGING / f"{uuid.uuid4().hex}.json"
+        temporary = _staging_path(url, ".json")
         temporary.parent.mkdir(parents=True, exist_ok=True)
         temporary.write_bytes(data)
         try:
