@@ -1,7 +1,9 @@
 """Standard Workload Format (SWF v2.2) traces: read, turn into jobs to replay, write.
 
 One job per line, 18 whitespace-separated numbers, -1 for missing; lines starting with ``;``
-are the header (``; Key: value``) and comments. Plain or gzip-compressed (``.gz``).
+are the header (``; Key: value``) and comments. Plain or gzip-compressed (``.gz``), UTF-8,
+lines ending in ``\n`` (or ``\r\n``). Whatever the file holds, reading and replaying it raise
+:class:`SwfError` only, naming the file (and the line, where there is one).
 
 Replaying a trace needs choices the trace does not make; :class:`ReplayOptions` holds them with
 these defaults, and :class:`Replay` counts how many jobs each rule touched:
@@ -19,13 +21,17 @@ machine did let it run); the replay only counts such jobs.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import os
 import re
+import secrets
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -44,8 +50,10 @@ COLUMN = {name: index for index, name in enumerate(FIELDS)}
 FRACTIONAL = ("average_cpu_time", "used_memory")
 WHOLE = np.array([name not in FRACTIONAL for name in FIELDS])
 STATUS_FAILED, STATUS_COMPLETED, STATUS_CANCELLED = 0, 1, 5
+#: the largest magnitude a field may have: whole numbers are exact in float64 up to it
+LARGEST = float(2 ** 53)
 
-_HEADER_RE = re.compile(r";\s*([A-Za-z][A-Za-z0-9_ ]*?)\s*:\s?(.*)")
+_HEADER_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_ ]*")
 
 
 class SwfError(GridcoupleError):
@@ -61,63 +69,113 @@ class SwfTrace:
     header: list[tuple[str, str]]
     records: np.ndarray  # shape (jobs, 18), float64
     lines: np.ndarray  # the 1-based line number of each record
+    header_lines: list[int] = field(default_factory=list)  # the line of each header entry
 
     def header_value(self, key: str) -> str | None:
         """The value of the first header line with this key (case-insensitive)."""
+        found = self._header_entry(key)
+        return None if found is None else found[0]
+
+    def _header_entry(self, key: str) -> tuple[str, int | None] | None:
         wanted = key.lower()
-        return next((value for k, value in self.header if k.lower() == wanted), None)
+        for index, (k, value) in enumerate(self.header):
+            if k.lower() == wanted:
+                lines = self.header_lines
+                return value, lines[index] if index < len(lines) else None
+        return None
 
     @property
     def max_procs(self) -> int | None:
-        """The machine size the header gives (MaxProcs, else MaxNodes), if any."""
+        """The machine size the header gives (MaxProcs, else MaxNodes), if any; -1 there means
+        unknown. SwfError for a value that is not a positive whole number."""
         for key in ("MaxProcs", "MaxNodes"):
-            value = self.header_value(key)
-            if value is not None and value.split() and value.split()[0].isdigit():
-                return int(value.split()[0])
+            found = self._header_entry(key)
+            if found is None or found[0].split()[:1] == ["-1"]:
+                continue
+            value, line = found
+            first = value.split()[0] if value.split() else ""
+            if first.isascii() and first.isdigit() and 0 < int(first) <= LARGEST:
+                return int(first)
+            where = f"{self.path}:{line}" if line else self.path
+            raise SwfError(f"{where}: {key} {value!r} is not a machine size (a whole number "
+                           "of processors, at least 1)")
         return None
 
 
-def _open_text(path: Path, mode: str) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, mode + "t", encoding="utf-8", newline="")  # type: ignore[return-value]
-    return open(path, mode, encoding="utf-8", newline="")
+def _read_text(path: Path) -> str:
+    """The trace's text; SwfError (naming the line of a byte that is not UTF-8) if it
+    cannot be read."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as stream:
+                data = stream.read()
+        else:
+            data = path.read_bytes()
+    except FileNotFoundError:
+        raise SwfError(f"trace {path} does not exist") from None
+    except EOFError as exc:
+        raise SwfError(f"trace {path} cannot be read: the gzip data is truncated ({exc})") \
+            from None
+    except zlib.error as exc:
+        raise SwfError(f"trace {path} cannot be read: the gzip data is corrupt ({exc})") \
+            from None
+    except (OSError, ValueError) as exc:  # BadGzipFile is an OSError; a NUL in the path
+        raise SwfError(f"trace {path} cannot be read: {_reason(exc)}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SwfError(f"{path}:{line}: not UTF-8 text: byte {data[exc.start]:#04x} at column "
+                       f"{column}") from None
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or \
+        type(exc).__name__
+
+
+def _header_entry(line: str) -> tuple[str, str]:
+    """``; Key: value`` as (key, value); a comment without a key as ("", text)."""
+    body = line[1:]
+    key, colon, value = body.partition(":")
+    if colon and _HEADER_KEY.fullmatch(key.strip()):
+        return key.strip(), value.strip()
+    return "", body.strip()
 
 
 def read_swf(path: str | Path) -> SwfTrace:
     """Read a trace; a malformed line raises SwfError naming the file and the line."""
     path = Path(path)
-    try:
-        with _open_text(path, "r") as stream:
-            text = stream.read()
-    except FileNotFoundError:
-        raise SwfError(f"trace {path} does not exist") from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise SwfError(f"trace {path} cannot be read: {exc}") from None
+    text = _read_text(path)
     header: list[tuple[str, str]] = []
+    header_lines: list[int] = []
     data: list[str] = []
     numbers: list[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # not splitlines:
+    for number, line in enumerate(lines, start=1):  # \x85 or \u2028 in a comment is no end
         stripped = line.strip()
         if not stripped:
             continue
         if stripped.startswith(";"):
-            match = _HEADER_RE.fullmatch(stripped)
-            header.append((match.group(1), match.group(2).strip()) if match
-                          else ("", stripped[1:].strip()))
+            header.append(_header_entry(stripped))
+            header_lines.append(number)
             continue
         data.append(stripped)
         numbers.append(number)
     if not data:
-        return SwfTrace(str(path), header, np.empty((0, len(FIELDS))), np.empty(0, dtype=int))
+        return SwfTrace(str(path), header, np.empty((0, len(FIELDS))), np.empty(0, dtype=int),
+                        header_lines)
     try:
-        records = np.loadtxt(data, dtype=np.float64, ndmin=2)
-        if records.shape[1] != len(FIELDS):
+        # comments=None: a '#' is no comment in SWF (loadtxt would drop what follows it)
+        records = np.loadtxt(data, dtype=np.float64, ndmin=2, comments=None)
+        if records.shape != (len(data), len(FIELDS)):
             raise ValueError
     except ValueError as exc:
         _raise_first_bad_line(path, data, numbers)
         raise SwfError(f"{path}: cannot be parsed: {exc}") from None
     _check_values(path, records, data, numbers)
-    return SwfTrace(str(path), header, records, np.asarray(numbers))
+    return SwfTrace(str(path), header, records, np.asarray(numbers), header_lines)
 
 
 def _check_values(path: Path, records: np.ndarray, data: Sequence[str],
@@ -133,9 +191,12 @@ def _check_values(path: Path, records: np.ndarray, data: Sequence[str],
 
 def _first_bad_value(records: np.ndarray, *,
                      negative_submit: bool) -> tuple[int, int, str] | None:
-    """(row, column, what is wrong) of the first value that is not finite or not whole in a
-    whole-number field (or, with ``negative_submit``, a negative submit time); else None."""
-    bad = ~np.isfinite(records) | (WHOLE & (records != np.round(records)))
+    """(row, column, what is wrong) of the first value that is not finite, larger than
+    LARGEST, or not whole in a whole-number field (or, with ``negative_submit``, a negative
+    submit time); else None."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(records) | (np.abs(records) > LARGEST) \
+            | (WHOLE & (records != np.round(records)))
     submit = COLUMN["submit_time"]
     if negative_submit:
         bad[:, submit] |= records[:, submit] < 0
@@ -144,6 +205,7 @@ def _first_bad_value(records: np.ndarray, *,
     row, column = divmod(int(np.argmax(bad)), len(FIELDS))
     value = records[row, column]
     what = ("is not a finite number" if not np.isfinite(value)
+            else "is too large" if abs(value) > LARGEST
             else "is negative" if column == submit and value < 0
             else "is not a whole number")
     return row, column, what
@@ -157,7 +219,7 @@ def _raise_first_bad_line(path: Path, data: Sequence[str], numbers: Sequence[int
                            f"{len(parts)}: {line[:80]!r}")
         for name, part in zip(FIELDS, parts, strict=True):
             try:
-                float(part)
+                float(part if part.isascii() and "_" not in part else "?")  # as loadtxt reads
             except ValueError:
                 raise SwfError(f"{path}:{number}: field {name} is not a number: "
                                f"{part!r}") from None
@@ -167,7 +229,8 @@ def write_swf(path: str | Path, records: np.ndarray,
               header: Iterable[tuple[str, str]] = ()) -> None:
     """Write a trace (gzip-compressed when ``path`` ends in .gz). Every field but the two
     averages must be a whole number, as a reader expects; SwfError if not, or if the file
-    cannot be written."""
+    cannot be written. The file is replaced whole: a write that fails or is killed leaves
+    what was there before."""
     path = Path(path)
     bad = _first_bad_value(records, negative_submit=False)
     if bad is not None:
@@ -175,15 +238,27 @@ def write_swf(path: str | Path, records: np.ndarray,
         raise SwfError(f"{path}: record {row + 1}, field {FIELDS[column]} {what}: "
                        f"{records[row, column]}")
     lines = [f"; {key}: {value}" if key else f"; {value}" for key, value in header]
+    for line in lines:
+        if "\n" in line or "\r" in line:
+            raise SwfError(f"{path}: a header line may not hold a line break: {line[:80]!r}")
     buffer = io.StringIO()
     integral = np.all(records == np.round(records), axis=0) if len(records) else []
     formats = ["%d" if whole else "%.2f" for whole in integral] or ["%d"] * len(FIELDS)
     if len(records):
         np.savetxt(buffer, records, fmt=formats, delimiter=" ")
+    data = ("\n".join(lines) + ("\n" if lines else "") + buffer.getvalue()).encode()
+    target = Path(os.path.realpath(path))  # through a symlink, as open() would
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with _open_text(path, "w") as stream:
-            stream.write("\n".join(lines) + ("\n" if lines else ""))
-            stream.write(buffer.getvalue())
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(gzip.compress(data) if path.suffix == ".gz" else data)
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
     except OSError as exc:
         raise SwfError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -213,6 +288,10 @@ class Replay:
 def replay_jobs(trace: SwfTrace, procs: int | None = None,
                 options: ReplayOptions = ReplayOptions()) -> Replay:
     """The jobs of ``trace`` on a machine of ``procs`` processors (default: the header's)."""
+    if procs is not None and (isinstance(procs, bool) or not isinstance(procs, int | np.integer)
+                              or not 0 < procs <= LARGEST):
+        raise SwfError(f"{trace.path}: the machine size must be a whole number of processors, "
+                       f"at least 1, got {procs!r}")
     procs = procs or trace.max_procs
     if procs is None:
         raise SwfError(f"{trace.path}: no MaxProcs or MaxNodes in the header; give the "
