@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -37,7 +38,9 @@ from gridcouple.appkit.transport import (
     ObjectServer,
     RemoteError,
     TransportError,
+    accept_handshake,
     connect,
+    tls_contexts,
 )
 
 TESTS = Path(__file__).parent
@@ -411,7 +414,8 @@ def echo_server():
         server.close()
 
 
-def test_pending_connections_are_bounded_oldest_dropped_first(echo_server, thread_errors):
+def test_pending_connections_are_bounded_oldest_dropped_first(echo_server, thread_errors,
+                                                              caplog):
     server = echo_server(Limits(max_pending=4, handshake_timeout=5))
     idle = open_idle(server.endpoint, 10)
     deadline = time.monotonic() + 3
@@ -420,6 +424,8 @@ def test_pending_connections_are_bounded_oldest_dropped_first(echo_server, threa
         time.sleep(0.01)
     assert sum(closes_within(sock, 0.5) for sock in idle[:6]) == 6  # the oldest six
     assert not any(closes_within(sock, 0.05) for sock in idle[6:])
+    wait_for(lambda: caplog.text.count("dropped for a newer connection: more than 4 were "
+                                       "waiting to authenticate ($GRIDCOUPLE_MAX_PENDING)") == 6)
     proxy = ApplicationProxy(server.endpoint, SECRET)
     assert proxy.echo("in") == "in"
     proxy.close()
@@ -451,6 +457,83 @@ def test_frames_over_the_limit_are_refused_by_the_sender_and_the_proxy_stays_usa
     assert proxy.zeros(1000).nbytes == 1000
     proxy.close()
     assert not thread_errors
+
+
+def test_a_tls_handshake_is_bounded_by_the_same_deadline(tmp_path, thread_errors, caplog):
+    """A peer that connects and never starts TLS is closed at the handshake deadline; a
+    legitimate TLS peer is served meanwhile."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", "key.pem", "-out", "cert.pem", "-subj", "/CN=gridcouple-test"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    server_tls, client_tls = tls_contexts({
+        "tls_ca_file": cert, "tls_scheduler_cert": cert, "tls_scheduler_key": key,
+        "tls_client_cert": cert, "tls_client_key": key})
+    server = ObjectServer(Echo(), SECRET, tls=server_tls, limits=Limits(handshake_timeout=1))
+    server.start()
+    try:
+        started = time.monotonic()
+        (silent,) = open_idle(server.endpoint, 1)
+        proxy = ApplicationProxy(server.endpoint, SECRET, tls=client_tls)
+        assert proxy.echo("secure") == "secure"
+        assert closes_within(silent, 2) and 0.8 < time.monotonic() - started < 2
+        silent.close()
+        wait_for(lambda: "did not complete TLS within 1 s" in caplog.text)
+        assert proxy.echo("still") == "still"
+        proxy.close()
+    finally:
+        server.close()
+    assert not thread_errors
+
+
+def test_refused_connections_are_logged_at_most_20_per_10_s(echo_server, caplog):
+    """A flood of peers without the secret must not fill the job's stderr."""
+    server = echo_server(Limits(handshake_timeout=5))
+    for _ in range(40):
+        sock = socket.create_connection(server.endpoint.rsplit(":", 1), timeout=3)
+        sock.sendall(bytes([1]) + b"x" + bytes(64))
+        assert closes_within(sock, 2)
+        sock.close()
+    proxy = ApplicationProxy(server.endpoint, SECRET)
+    assert proxy.echo(1) == 1
+    proxy.close()
+    assert caplog.text.count("refused a connection from") == 20
+
+
+def test_a_proxy_refuses_a_reply_that_is_none(thread_errors):
+    """A server (with the secret) answering nonsense: a TransportError, not an unpacking
+    error; the proxy is closed, being out of step."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve():
+            sock, _ = listener.accept()
+            channel = Channel(sock)
+            accept_handshake(channel, lambda name: SECRET)
+            channel.receive()
+            channel.send({"status": "nonsense"})
+            channel.receive()
+
+        threading.Thread(target=serve, daemon=True).start()
+        host, port = listener.getsockname()
+        proxy = ApplicationProxy(f"{host}:{port}", SECRET)
+        with pytest.raises(TransportError, match="answered echo with no reply"):
+            proxy.echo(1)
+        with pytest.raises(TransportError):
+            proxy.echo(1)
+
+
+def test_a_server_with_a_bad_port_or_tls_setting_says_which_in_one_line(tmp_path):
+    env = {**os.environ, TOKEN_ENV: SECRET, "PYTHONPATH": str(TESTS)}
+    command = [sys.executable, "-m", "gridcouple.appkit.server", "--app",
+               "test_appkit_apps:Counter"]
+    result = subprocess.run([*command, "--port", "99999"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "'99999' is not a port (0-65535)" in result.stderr
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env={
+        **env, "GRIDCOUPLE_TLS": json.dumps({"tls_ca_file": str(tmp_path / "none.pem")})})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("gridcouple app server: error: $GRIDCOUPLE_TLS: ")
 
 
 def test_limits_from_the_environment_are_checked_naming_the_variable():

@@ -207,3 +207,13 @@ def test_the_scratch_root_of_a_sigkilled_session_is_removed_on_the_next_start(tm
     assert clean_orphaned_scratch_roots(tmp_path) == []  # ours lives
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [ours.name, untagged.name, link.name, "elsewhere"])
+
+
+def test_prune_with_a_negative_keep_deletes_nothing(store):
+    store.put(field(time=2.0, value=2.0))
+    for keep in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="keep must be a whole number >= 0"):
+            store.prune("temperature", keep)
+    assert store.versions("temperature") == [1, 2]
+    store.prune("temperature", np.int64(2))
+    assert_intact(store)

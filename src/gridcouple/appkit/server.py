@@ -81,6 +81,12 @@ def join_proof(token: str, name: str, endpoint: str) -> str:
                     hashlib.sha256).hexdigest()
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gridcouple.appkit.server",
                                      description="Run one gridcouple Application as a server.")
@@ -88,7 +94,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default=None,
                         help="the application's name (default: $GRIDCOUPLE_JOB_NAME)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any)")
+    parser.add_argument("--port", type=_port, default=0, help="port to listen on (0: any)")
     parser.add_argument("--coupler", default=os.environ.get(COUPLER_ENV),
                         help="the coupler's registration endpoint HOST:PORT")
     parser.add_argument("--scheduler", default=os.environ.get(SCHEDULER_ENV),
@@ -105,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         cls = load_application_class(args.app)
         token = local_token()
         limits = Limits.from_env()
+        tls = _tls_from_env()
     except (ValueError, TransportError) as exc:
         print(f"gridcouple app server: error: {exc}", file=sys.stderr)
         return 2
     name = args.name or os.environ.get(JOB_NAME_ENV) or cls.__name__
-    tls = tls_contexts(json.loads(os.environ.get(TLS_ENV, "{}")))
     app = cls()
     server = ObjectServer(app, token, host=args.host, port=args.port,
                           tls=tls[0] if tls else None, limits=limits)
@@ -138,6 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # threads blocked in calls or in dask must not hold the exit
+
+
+def _tls_from_env() -> tuple[ssl.SSLContext, ssl.SSLContext] | None:
+    """The TLS contexts ``$GRIDCOUPLE_TLS`` describes; ValueError naming it if it cannot."""
+    text = os.environ.get(TLS_ENV, "{}")
+    try:
+        settings = json.loads(text)
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+        return tls_contexts(settings)
+    except (ValueError, KeyError, OSError, ssl.SSLError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"${TLS_ENV}: {detail}") from None
 
 
 def _register(coupler: str, token: str, name: str, endpoint: str,

@@ -431,6 +431,9 @@ class FieldStore:
     def prune(self, field_id: str, keep: int) -> None:
         """Delete all but the newest ``keep`` versions of ``field_id`` (each one's commit
         marker first, so no reader is handed a version being deleted)."""
+        if isinstance(keep, bool) or not isinstance(keep, int | np.integer) or keep < 0:
+            raise ValueError(f"{self}: prune {field_id!r}: keep must be a whole number >= 0, "
+                             f"got {keep!r}")  # keep=-1 deleted the oldest version
         by_version = {version: time for time, version in self.times(field_id).items()}
         for version in sorted(by_version)[:-keep or None]:
             _remove(self.url, f"{field_id}/{_TIMES}/{_time_key(by_version[version], field_id)}")

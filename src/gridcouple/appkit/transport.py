@@ -317,6 +317,8 @@ def accept_handshake(channel: Channel, token_for: Callable[[str], str | None]) -
         sock.sendall(_digest(token, b"server", reply[_NONCE:]))
     except TimeoutError:
         raise TransportError(f"the peer did not authenticate within {timeout:g} s") from None
+    except (OSError, TransportError) as exc:
+        raise _dropped_or(exc) from None
     finally:
         channel.deadline = None
     sock.settimeout(None)
@@ -339,8 +341,10 @@ def accept_tls(sock: socket.socket, tls: ssl.SSLContext | None) -> socket.socket
     except TimeoutError:
         wrapped.close()
         raise TransportError(f"the peer did not complete TLS within {timeout:g} s") from None
-    except BaseException:
+    except BaseException as exc:
         wrapped.close()
+        if isinstance(exc, OSError | TransportError):
+            raise _dropped_or(exc) from None
         raise
     return wrapped
 
@@ -419,11 +423,12 @@ class _Pending:
     """A connection not yet authenticated: its socket (the TLS one once wrapped), its
     handshake deadline, where it comes from."""
 
-    __slots__ = ("deadline", "peer", "sock", "timeout")
+    __slots__ = ("deadline", "dropped", "peer", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, deadline: float, timeout: float,
                  peer: str) -> None:
         self.sock, self.deadline, self.timeout, self.peer = sock, deadline, timeout, peer
+        self.dropped = False  # ended by the Acceptor to make room
 
 
 # The connection the current thread is authenticating, if an Acceptor handed it over: how
@@ -443,6 +448,16 @@ def _pending_socket(sock: socket.socket) -> None:
     entry = getattr(_current, "entry", None)
     if entry is not None:
         entry[1].sock = sock
+
+
+def _dropped_or(exc: Exception) -> Exception:
+    """What a failed handshake raises: ``exc``, unless the Acceptor dropped the connection."""
+    entry = getattr(_current, "entry", None)
+    if entry is None or not entry[1].dropped:
+        return exc
+    return TransportError(f"dropped for a newer connection: more than "
+                          f"{entry[0].limits.max_pending} were waiting to authenticate "
+                          f"(${MAX_PENDING_ENV})")
 
 
 def _authenticated() -> None:
@@ -537,6 +552,7 @@ class Acceptor:
     def _drop(self, entry: _Pending) -> None:
         """Make room: end the oldest pending connection (its thread sees it closed)."""
         del self._pending[entry]
+        entry.dropped = True
         with contextlib.suppress(OSError):
             socket.socket.shutdown(entry.sock, socket.SHUT_RDWR)
         self._dropped += 1
@@ -600,6 +616,7 @@ class ObjectServer:
         self.port = self.listener.getsockname()[1]
         self.acceptor = Acceptor(self.listener, self._serve, limits=self.limits,
                                  name=f"app server {self.endpoint}")
+        self._refusals = _Throttle()
 
     @property
     def endpoint(self) -> str:
@@ -620,7 +637,7 @@ class ObjectServer:
             channel = Channel(sock, self.limits.max_frame)
             accept_handshake(channel, lambda _name: self.token)
         except (OSError, TransportError) as exc:
-            log.warning("refused a connection from %s: %s", peer, exc)
+            self._refusals.warn("refused a connection from %s: %s", peer, exc)
             sock.close()
             return
         with channel.sock:
@@ -663,10 +680,45 @@ class ObjectServer:
             return _error_reply(exc)
 
 
+class _Throttle:
+    """Warnings of one kind, at most ``burst`` per ``window`` seconds: a flood of refused
+    connections must not fill the job's stderr. The next one logged after a quiet spell
+    says how many were left out."""
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self.burst, self.window = burst, window
+        self._lock = threading.Lock()
+        self._start = -math.inf
+        self._count = self._skipped = 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start > self.window:
+                self._start, self._count = now, 0
+            self._count += 1
+            if self._count > self.burst:
+                self._skipped += 1
+                return
+            skipped, self._skipped = self._skipped, 0
+        if skipped:
+            message += f" ({skipped} more like it not logged)"
+        log.warning(message, *args)
+
+
 def _is_request(request: Any) -> bool:
     return (isinstance(request, list | tuple) and len(request) == 3
             and isinstance(request[0], str) and isinstance(request[1], list | tuple)
             and isinstance(request[2], dict) and all(isinstance(k, str) for k in request[2]))
+
+
+def _is_reply(reply: Any) -> bool:
+    """[0, value], or [1, {"type", "message", "traceback"}] (see :func:`_error_reply`)."""
+    if not (isinstance(reply, list | tuple) and len(reply) == 2 and reply[0] in (0, 1)):
+        return False
+    error = reply[1]
+    return reply[0] == 0 or (isinstance(error, dict) and all(
+        isinstance(error.get(key), str) for key in ("type", "message", "traceback")))
 
 
 def _peer_of(sock: socket.socket) -> str:
@@ -746,7 +798,11 @@ class ApplicationProxy:
             try:
                 channel.send_parts(request)
                 self._await_reply(channel, method)
-                status, value = channel.receive()
+                reply = channel.receive()
+                if not _is_reply(reply):
+                    raise TransportError(f"{self._name} at {self._endpoint} answered {method} "
+                                         f"with no reply: {str(reply)[:200]}")
+                status, value = reply
             except (OSError, ConnectionLostError) as exc:
                 raise self._lose(exc) from exc
             except BaseException as exc:  # check_alive's verdict, or an interrupt mid-call:
