@@ -57,7 +57,7 @@ class Backend(abc.ABC):
 
     kind: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    backoff: ClassVar[Backoff] = Backoff()
+    backoff: Backoff = Backoff()  # a subclass or an instance may set its own
     hosts_applications: ClassVar[bool] = True  # False: nothing really runs (a simulator)
 
     def __init__(self, options: Any, *, state_dir: Path, journal: Journal | None = None,
@@ -141,20 +141,16 @@ class Backend(abc.ABC):
         """Statuses in the order of ``jobs``; final ones come from the journal unqueried."""
         records = self.journal.get(job.id for job in jobs)
         pending = [r for r in records if not r.status.state.is_final]
-        self.record(pending, self.query(pending) if pending else {})
-        return [r.status for r in self.journal.get(job.id for job in jobs)]
+        changed = self.record(pending, self.query(pending) if pending else {})
+        return statuses_after(self.journal, records, changed)
 
-    def record(self, records: Sequence[JobRecord], fresh: dict[int, JobStatus]) -> bool:
+    def record(self, records: Sequence[JobRecord], fresh: dict[int, JobStatus]) -> list[int]:
         """Write the statuses of a query that differ from the records into the journal (which
-        keeps the state order: a stale status does not overwrite a newer one); True when a
-        state changed."""
+        keeps the state order: a stale status does not overwrite a newer one); returns the ids
+        whose record changed."""
         changes = [(r.job.id, fresh[r.job.id]) for r in records
                    if r.job.id in fresh and _differs(r.status, fresh[r.job.id])]
-        if not changes:
-            return False
-        states = {r.job.id: r.status.state for r in records}
-        changed = self.journal.update(changes)
-        return any(fresh[i].state is not states[i] for i in changed)
+        return self.journal.update(changes) if changes else []
 
     def stderr_tail(self, job: Job, lines: int = 20) -> str:
         """The last ``lines`` lines of a job's stderr, for error messages."""
@@ -231,6 +227,16 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def statuses_after(journal: Journal, records: Sequence[JobRecord],
+                   changed: Sequence[int]) -> list[JobStatus]:
+    """The statuses of ``records`` once the ids in ``changed`` were written: those read again
+    (the journal merges what a query did not say), the others as they were."""
+    wanted = set(changed)
+    again = {r.job.id: r.status for r in journal.get(r.job.id for r in records
+                                                     if r.job.id in wanted)}
+    return [again.get(r.job.id, r.status) for r in records]
 
 
 def _differs(old: JobStatus, new: JobStatus) -> bool:

@@ -14,13 +14,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from gridcouple.backends.base import Backend, statuses_after
 from gridcouple.errors import QueryUnavailableError
 from gridcouple.jobs import Job, JobStatus
-
-if TYPE_CHECKING:
-    from gridcouple.backends.base import Backend
+from gridcouple.journal import JobRecord
 
 
 class StatusWatcher:
@@ -36,23 +34,25 @@ class StatusWatcher:
 
     def status(self, jobs: Sequence[Job]) -> list[JobStatus]:
         """Statuses in the order of ``jobs``: fresh when a poll was due, else as last seen."""
-        ids = [job.id for job in jobs]
         journal = self.backend.journal
         with self._lock:
-            self._watched.update(r.job.id for r in journal.get(ids)
-                                 if not r.status.state.is_final)
+            records = journal.get(job.id for job in jobs)
+            self._watched.update(r.job.id for r in records if not r.status.state.is_final)
+            changed: list[int] = []
             if self._watched and time.monotonic() >= self._due:
-                self._poll()
-        return [r.status for r in journal.get(ids)]
+                changed = self._poll(records)
+        return statuses_after(journal, records, changed)
 
-    def _poll(self) -> None:
-        """One native query for every watched job not yet final."""
+    def _poll(self, known: Sequence[JobRecord]) -> list[int]:
+        """One native query for every watched job not yet final (``known``: records just
+        read); returns the ids whose record changed."""
         backoff = self.backend.backoff
-        records = [r for r in self.backend.journal.get(sorted(self._watched))
-                   if not r.status.state.is_final]
+        others = self._watched - {r.job.id for r in known}
+        records = [r for r in [*known, *self.backend.journal.get(sorted(others))]
+                   if r.job.id in self._watched and not r.status.state.is_final]
         self._watched = {r.job.id for r in records}
         if not records:
-            return
+            return []
         self.queries += 1
         try:
             fresh = self.backend.query(records)
@@ -60,9 +60,12 @@ class StatusWatcher:
             self._due = time.monotonic() + self._interval
             raise
         changed = self.backend.record(records, fresh)
-        self._interval = backoff.first if changed else min(self._interval * backoff.factor,
-                                                           backoff.most)
+        states = {r.job.id: r.status.state for r in records}
+        moved = any(fresh[i].state is not states[i] for i in changed)
+        self._interval = backoff.first if moved else min(self._interval * backoff.factor,
+                                                         backoff.most)
         self._due = time.monotonic() + self._interval
+        return changed
 
     def expect_change(self) -> None:
         """Jobs were just submitted, canceled, held or released through this backend: what
