@@ -190,7 +190,7 @@ def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Co
         if not _BACKEND_NAME.fullmatch(name):
             raise ConfigError(f"{probe.where(('backend', name), is_table=True)}: a backend name "
                               "is 1-64 letters, digits, '_', '.' or '-'")
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, section_type in SECTIONS.items():
         table = backend_table if name == "backend" else data.get(name, {})
         if not isinstance(table, dict):

@@ -124,7 +124,7 @@ class Journal:
         """Record new jobs in one transaction; returns their ids in order. ``extra`` is the
         backend's bookkeeping, the same for every job of the call."""
         now = time.time()
-        ids = []
+        ids: list[int] = []
         extra_json = json.dumps(dict(extra or {}))
         with self.transaction() as db:
             for spec in specs:
@@ -134,6 +134,7 @@ class Journal:
                     (backend, spec.name, json.dumps(spec.to_dict()), state.value, now,
                      extra_json),
                 )
+                assert cursor.lastrowid is not None  # an INSERT sets it
                 ids.append(cursor.lastrowid)
             db.executemany("INSERT INTO events (job_id, state, time) VALUES (?, ?, ?)",
                            [(i, state.value, now) for i in ids])

@@ -96,7 +96,7 @@ def _cells_of(mesh: StructuredMesh) -> UnstructuredMesh:
 
 
 # The corners of a line, quad and hexahedron in VTK's vertex order, as index offsets.
-_CORNERS = {
+_CORNERS: dict[int, list[tuple[int, ...]]] = {
     1: [(0,), (1,)],
     2: [(0, 0), (1, 0), (1, 1), (0, 1)],
     3: [(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (1, 1, 1), (0, 1, 1)],

@@ -45,7 +45,7 @@ def open_backend(config: Config | None = None, name: str | None = None) -> Backe
     config = config or load_config()
     name = name or config.backend
     cls = backend_class(name, config)
-    options = config.backend_options(name, cls.Options)
+    options: object = config.backend_options(name, cls.Options)  # an instance of cls.Options
     site = config.site(name)
     return cls(options, state_dir=site.state_dir or config.state_dir, name=name,
                python=site.python)

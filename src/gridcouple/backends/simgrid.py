@@ -79,7 +79,8 @@ class SimGridOptions:
         if not self.workers:
             return Machine.processors(self.procs)
         return Machine(tuple(
-            Worker(name, speed, tuple(tuple(i) for i in self.availability.get(name, ())))
+            Worker(name, speed, tuple((start, end, fraction)
+                                      for start, end, fraction in self.availability.get(name, ())))
             for name, speed in self.workers.items()))
 
 

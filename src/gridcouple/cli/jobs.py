@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -261,7 +261,7 @@ def logs(
 ) -> None:
     """Print what a job wrote to stdout (or stderr)."""
     session = _Session(open_config(config))
-    stream = "stderr" if stderr else "stdout"
+    stream: Literal["stdout", "stderr"] = "stderr" if stderr else "stdout"
     try:
         record = session.journal.get([job_id])[0]
         chosen = session.backend(record.job.backend)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -258,8 +259,8 @@ class Coupler:
         for member in members:
             member.proxy = ApplicationProxy(
                 member.endpoint or "", member.token, name=member.name,
-                on_lost=lambda exc, m=member: self._failure(m, exc),
-                check_alive=lambda m=member: self._check_alive(m),
+                on_lost=functools.partial(self._failure, member),
+                check_alive=functools.partial(self._check_alive, member),
                 tls=self._tls[1] if self._tls else None,
                 call_timeout=self.config.section("coupler").call_timeout or None)
         return [m.proxy for m in members if m.proxy is not None]

@@ -75,7 +75,8 @@ def main(config: Config, console: Console) -> None:
             table.add_column(column, justify="right")
         failed = 0
         for job, status in zip(jobs, statuses, strict=True):
-            elapsed = f"{status.end_time - status.start_time:.2f} s" if status.start_time else ""
+            elapsed = (f"{status.end_time - status.start_time:.2f} s"
+                       if status.start_time and status.end_time is not None else "")
             if status.state is JobState.COMPLETED:
                 result = json.loads(backend.read_output(job))
                 table.add_row(str(job.id), f"{result['alpha']:.1f}", "COMPLETED", elapsed,

@@ -13,6 +13,7 @@ bottom edges, then writes temperature and displacement to one VTK file per step.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from rich.console import Console
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from gridcouple.appkit.application import Application
 from gridcouple.appkit.data import Field, Property, StructuredMesh, TimeStep
+from gridcouple.appkit.store import FieldRef
 from gridcouple.appkit.vtk import write_vtk
 from gridcouple.config import Config
 from gridcouple.coupler import AppRequest, Coupler
@@ -59,10 +61,12 @@ class HeatSolver(Application):
         return Property(float(self.temperature.mean()), property_id=property_id, units="K",
                         time=self.time)
 
-    def get_field(self, field_id: str, time: float) -> Field:
+    def get_field(self, field_id: str, time: float,
+                  mode: Literal["copy", "ref"] = "copy") -> Field | FieldRef:
         if field_id != "temperature":
             raise KeyError(f"the heat solver has no field {field_id!r}")
-        return Field(MESH, self.temperature.copy(), "temperature", units="K", time=self.time)
+        field = Field(MESH, self.temperature.copy(), "temperature", units="K", time=self.time)
+        return self.export_field(field, mode, time)
 
 
 class ThermalExpansion(Application):
@@ -106,10 +110,12 @@ class ThermalExpansion(Application):
                          title=f"thermo-mechanical t={tstep.time:g} s")
         self.written.append(str(path))
 
-    def get_field(self, field_id: str, time: float) -> Field:
+    def get_field(self, field_id: str, time: float,
+                  mode: Literal["copy", "ref"] = "copy") -> Field | FieldRef:
         if field_id != "displacement":
             raise KeyError(f"the expansion solver has no field {field_id!r}")
-        return Field(MESH, self.displacement.copy(), "displacement", "vector", "m", time)
+        field = Field(MESH, self.displacement.copy(), "displacement", "vector", "m", time)
+        return self.export_field(field, mode, time)
 
     def get_property(self, property_id: str, time: float | None = None) -> Property:
         if property_id == "right_edge_displacement":  # the mean u_x of the edge x = 2 m

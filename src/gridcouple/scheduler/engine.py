@@ -253,7 +253,9 @@ class Simulator:
         state, start, end = self.state, self.start, self.end
         queue, ends = self._queue, self._ends
         fast, by_estimate, uniform = self._fast, self._by_estimate, self._uniform
-        pick = self.policy.pick if fast else None  # type: ignore[attr-defined]
+        policy = self.policy
+        # the fast path's policy (``fast`` is ``isinstance(policy, QueuePolicy)``), else None
+        pick = policy.pick if fast and isinstance(policy, QueuePolicy) else None
         idle_when_full = fast and self.policy.idle_when_full  # type: ignore[attr-defined]
         work, limit, kill = self._work, self._limit, self.kill_at_limit
         jobs = self.jobs
@@ -297,7 +299,7 @@ class Simulator:
                     bisect.insort(queue, number, key=estimate.__getitem__)
                 else:
                     queue.append(number)
-            if fast:
+            if pick is not None:  # the fast path
                 if free == 0 and idle_when_full:
                     done += 1  # nothing can start; the next call comes after a job ended
                     continue

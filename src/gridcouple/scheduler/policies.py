@@ -27,7 +27,7 @@ import math
 from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 from gridcouple.errors import ConfigError, OptionError
 
@@ -70,10 +70,13 @@ class Policy(abc.ABC):
         """The waiting jobs to start at ``now``; their procs fit in the free capacity."""
 
 
-class Lookup(Protocol):
+_V_co = TypeVar("_V_co", covariant=True)
+
+
+class Lookup(Protocol[_V_co]):
     """``procs[key]`` / ``estimate[key]``: a list indexed by job number or a dict by key."""
 
-    def __getitem__(self, key: int, /) -> float: ...
+    def __getitem__(self, key: int, /) -> _V_co: ...
 
 
 #: A running job's expected end and key, kept sorted: ``(start + estimate, key)``.
@@ -93,8 +96,8 @@ class QueuePolicy(Policy):
     idle_when_full: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def pick(self, now: float, queue: list[int], procs: Lookup, estimate: Lookup, free: int,
-             ends: Ends, known: int = 0) -> list[int]:
+    def pick(self, now: float, queue: list[int], procs: Lookup[int], estimate: Lookup[float],
+             free: int, ends: Ends, known: int = 0) -> list[int]:
         """Start jobs at ``now``: remove them from ``queue``, add them to ``ends``, return them.
 
         ``queue`` holds the waiting keys in this policy's order, ``procs`` and ``estimate``
@@ -104,10 +107,17 @@ class QueuePolicy(Policy):
         moment with the same running jobs, and nothing ended since.
         """
 
-    def select(self, now, waiting, running, capacity):
+    def select(
+        self,
+        now: float,
+        waiting: Sequence[WaitingJob],
+        running: Sequence[RunningJob],
+        capacity: int,
+    ) -> list[WaitingJob]:
         procs: dict[int, int] = {}
         estimate: dict[int, float] = {}
-        for job in (*waiting, *running):
+        jobs: tuple[WaitingJob | RunningJob, ...] = (*waiting, *running)
+        for job in jobs:
             procs[job.key] = job.procs
             estimate[job.key] = INFINITY if job.estimate is None else job.estimate
         ends = sorted((expected_end(r.start_time, estimate[r.key]), r.key) for r in running)
@@ -125,8 +135,8 @@ def expected_end(start: float, estimate: float) -> float:
     return start if estimate == INFINITY else start + estimate
 
 
-def start_in_order(now: float, queue: list[int], procs: Lookup, estimate: Lookup, free: int,
-                   ends: Ends) -> tuple[list[int], int]:
+def start_in_order(now: float, queue: list[int], procs: Lookup[int], estimate: Lookup[float],
+                   free: int, ends: Ends) -> tuple[list[int], int]:
     """Start queued jobs from the head while they fit; returns them and the free procs left."""
     started = []
     for key in queue:
@@ -158,7 +168,7 @@ class SJF(FCFS):
     by_estimate = True
 
 
-def shadow_time(now: float, need: int, free: int, procs: Lookup,
+def shadow_time(now: float, need: int, free: int, procs: Lookup[int],
                 ends: Sequence[tuple[float, int]]) -> tuple[float, int, bool]:
     """When ``need`` processors are expected free (never before ``now``), how many more are
     free then (the "extra" processors), and whether that moment is still ahead of ``now``

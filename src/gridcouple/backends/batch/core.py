@@ -53,7 +53,10 @@ Shape = tuple[str, ...]
 class Listed(Protocol):
     """One job as the batch system's query listed it."""
 
-    tag: str  # the submission's tag ("" when not asked for)
+    @property
+    def tag(self) -> str:
+        """The submission's tag ("" when not asked for)."""
+        ...
 
     def status(self, previous: JobStatus) -> JobStatus:
         """Our status for this row (``previous`` is kept for what the row does not say)."""

@@ -77,7 +77,7 @@ class Daemon:
         self.policy = make_policy(options.policy)
         self.waiting: dict[int, WaitingJob] = {}  # in submit (id) order
         self.specs: dict[int, tuple[JobSpec, dict[str, str]]] = {}  # waiting: spec, environment
-        self.environments: dict[str, dict[str, str]] = {}
+        self.environments: dict[str | None, dict[str, str]] = {}  # by name (None too)
         self.running: dict[int, RunningProcess] = {}
         self.changes: list[tuple[int, JobStatus]] = []
         self.extra: dict[int, dict[str, int]] = {}
@@ -326,6 +326,7 @@ class Daemon:
         self.next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL
         for pgid, resident_mb in _resident_memory_by_group(set(limited)).items():
             run = limited[pgid]
+            assert run.memory_mb is not None  # limited holds only jobs with a limit
             run.peak_memory_mb = max(run.peak_memory_mb, resident_mb)
             if resident_mb > run.memory_mb:
                 run.ending = "memory"
@@ -356,6 +357,7 @@ class Daemon:
             reason = (f"resident memory {run.peak_memory_mb:.0f} MiB exceeded the "
                       f"{run.memory_mb} MiB asked for")
         elif run.ending == "timeout":
+            assert run.deadline is not None  # only a job with a walltime times out
             state = JobState.TIMEOUT
             reason = f"walltime of {run.deadline - run.start_time:g} s reached"
         elif returncode is None:

@@ -176,7 +176,7 @@ def expand_native_ids(text: str) -> list[str]:
     match = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", text)
     if not match:
         return [text]
-    tasks = []
+    tasks: list[int] = []
     for part in match.group(2).split(","):
         first, _, last = part.partition("-")
         tasks.extend(range(int(first), int(last or first) + 1))
@@ -198,7 +198,8 @@ def compact_native_ids(native_ids: Iterable[str]) -> list[str]:
 
 
 def _ranges(numbers: Sequence[int]) -> str:
-    spans, start = [], numbers[0]
+    spans: list[str] = []
+    start: int | None = numbers[0]  # None once the sentinel ends the last span
     for previous, number in zip(numbers, [*numbers[1:], None], strict=True):
         if number != previous + 1:
             spans.append(str(start) if start == previous else f"{start}-{previous}")
