@@ -75,16 +75,43 @@ def test_backward_moves_only_as_a_requeue(tmp_path):
     assert journal.get([stale])[0].status.state is JobState.FAILED
 
 
-def test_the_estimate_rule_is_one(tmp_path):
-    """An estimate of 0 is 0 s in the live queue and in the simulator; none means the
-    walltime; neither means unknown."""
+def cost_of_sleep(spec: JobSpec, worker: object) -> float:
+    """The simulator's run time of the estimate-rule jobs: the seconds they sleep."""
+    return float(spec.argv[-1])
+
+
+def test_the_live_queue_and_the_simulator_read_estimates_alike(tmp_path):
+    """SJF on one slot: an estimate of 0 runs first and a job with only a walltime is planned
+    with its walltime, in the local daemon's queue and in the simulator alike."""
+    from gridcouple.backends.local import LocalBackend, LocalOptions
+    from gridcouple.backends.simgrid import SimGridBackend, SimGridOptions
     from gridcouple.jobs import Resources
 
-    assert JobSpec(argv=("x",), estimate=0.0).expected_runtime == 0.0
-    assert JobSpec(argv=("x",), resources=Resources(walltime=60)).expected_runtime == 60
-    assert JobSpec(argv=("x",), estimate=5, resources=Resources(walltime=60)
-                   ).expected_runtime == 5
-    assert JobSpec(argv=("x",)).expected_runtime is None
+    specs = [JobSpec(argv=("sleep", "0.3"), name="walltime-only",
+                     resources=Resources(walltime=100)),
+             JobSpec(argv=("sleep", "0.3"), name="zero", estimate=0.0),
+             JobSpec(argv=("sleep", "0.3"), name="fifty", estimate=50.0)]
+    blocker = JobSpec(argv=("sleep", "1"), name="blocker", estimate=1.0)
+    orders = []
+    with LocalBackend(LocalOptions(slots=1, policy="sjf", idle_exit=2),
+                      state_dir=tmp_path / "live") as live:
+        first = live.submit([blocker])
+        live.wait(first, until="any", timeout=0.5)  # the blocker holds the slot ...
+        jobs = live.submit(specs)  # ... while the three wait together
+        statuses = live.wait(jobs, timeout=60)
+        assert [s.state for s in statuses] == [JobState.COMPLETED] * 3
+        orders.append([j.spec.name for _, j in sorted(
+            zip((s.start_time for s in statuses), jobs, strict=True))])
+        live.stop_daemon()
+    with SimGridBackend(SimGridOptions(procs=1, policy="sjf",
+                                       cost="test_backend_layer:cost_of_sleep"),
+                        state_dir=tmp_path / "sim") as sim:
+        sim.submit([blocker])
+        jobs = sim.submit(specs)
+        statuses = sim.wait(jobs)
+        orders.append([j.spec.name for _, j in sorted(
+            zip((s.start_time for s in statuses), jobs, strict=True))])
+    assert orders == [["zero", "fifty", "walltime-only"]] * 2
 
 
 # --- a simulated backend cannot host applications -------------------------------------------
