@@ -254,11 +254,9 @@ def test_a_frame_claiming_more_than_the_limit_closes_that_connection_only(
     assert_serves(process, endpoint, log_path)
 
 
-@FUZZ
-@given(data=st.binary(max_size=300))
-def test_random_bytes_before_authentication_are_refused(server, data):
-    process, endpoint, _ = server
-    sock = socket.create_connection(endpoint.rsplit(":", 1), timeout=3)
+def send_then_expect_close(process: subprocess.Popen[str], sock: socket.socket,
+                           data: bytes) -> None:
+    """Send ``data`` and end our side: the server must close within 3 s, and live on."""
     with contextlib.suppress(OSError):
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
@@ -267,17 +265,14 @@ def test_random_bytes_before_authentication_are_refused(server, data):
     assert process.poll() is None
 
 
+@pytest.mark.parametrize("authenticated", [False, True], ids=["before-auth", "after-auth"])
 @FUZZ
 @given(data=st.binary(max_size=300))
-def test_random_bytes_after_authentication_end_that_connection_only(server, data):
+def test_random_bytes_end_that_connection_only(server, authenticated, data):
     process, endpoint, _ = server
-    sock = authenticated_socket(endpoint)
-    with contextlib.suppress(OSError):
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-    assert closes_within(sock, 3)
-    sock.close()
-    assert process.poll() is None
+    sock = (authenticated_socket(endpoint) if authenticated
+            else socket.create_connection(endpoint.rsplit(":", 1), timeout=3))
+    send_then_expect_close(process, sock, data)
 
 
 msgpack_values = st.recursive(
@@ -302,15 +297,9 @@ def test_well_framed_nonsense_gets_an_error_reply_or_a_close_never_a_dead_thread
     if isinstance(request, list) and request[:1] == ["terminate"]:
         request[0] = "nope"  # stopping the server is what an authenticated peer may do
     header = msgpack.packb(request)
-    sock = authenticated_socket(endpoint)
-    with contextlib.suppress(OSError):
-        sock.sendall(struct.pack("<IH", len(header), len(buffers))
-                     + struct.pack(f"<{len(buffers)}Q", *map(len, buffers)) + header
-                     + b"".join(buffers))
-        sock.shutdown(socket.SHUT_WR)
-    assert closes_within(sock, 3)
-    sock.close()
-    assert process.poll() is None
+    send_then_expect_close(process, authenticated_socket(endpoint), (
+        struct.pack("<IH", len(header), len(buffers))
+        + struct.pack(f"<{len(buffers)}Q", *map(len, buffers)) + header + b"".join(buffers)))
     text = log_path.read_text()
     assert "Traceback" not in text and "Exception in thread" not in text, text
 
