@@ -22,13 +22,15 @@ $(STAMP)-test: pyproject.toml | $(PY)
 run: $(STAMP)-run
 	$(VENV)/bin/gridcouple run weak-coupling
 
-# Services are stopped whatever pytest says; pytest's own exit code is the result.
-test: $(STAMP)-test
+# Lint first (ruff, and mypy on src: the package ships py.typed). Services are stopped whatever
+# pytest says; pytest's own exit code is the result.
+test: lint
 	@scripts/services up
 	@status=0; $(PY) -m pytest $(PYTEST_ARGS) || status=$$?; scripts/services down; exit $$status
 
 lint: $(STAMP)-test
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src
 
 bench: $(STAMP)-test
 	$(PY) -m pip install -q -e '.[bench]'

@@ -306,8 +306,7 @@ class FieldStore:
         version = marker["version"]  # the marker commits it
         attributes = self._attributes_at(f"{field.field_id}/{_version_name(version)}/zarr.json")
         ref = self._ref(field.field_id, version, attributes)
-        mesh = (field.mesh.to_wire() if isinstance(field.mesh, StructuredMesh)
-                else {"kind": "stored", "path": _mesh_path(field.mesh)})
+        mesh = _mesh_description(field.mesh)
         ours = _jsonable({**field.describe(), "mesh": mesh, "shape": values.shape,
                           "dtype": values.dtype.str})
         theirs = _jsonable({**attributes, "shape": ref.shape, "dtype": ref.dtype})
@@ -616,6 +615,15 @@ def _slabs(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[slice | 
         yield slice(start, start + chunks[0])
 
 
+def _mesh_description(mesh: Mesh) -> dict[str, Any]:
+    """How a version's attributes name its mesh: a structured one inline, an unstructured one
+    by the path of its stored arrays."""
+    if isinstance(mesh, StructuredMesh):
+        return mesh.to_wire()
+    assert isinstance(mesh, UnstructuredMesh)  # the two kinds of mesh
+    return {"kind": "stored", "path": _mesh_path(mesh)}
+
+
 def _mesh_path(mesh: UnstructuredMesh) -> str:
     """Where an unstructured mesh is stored: named by the digest of its content."""
     digest = hashlib.sha1(mesh.vertices.tobytes())
@@ -654,7 +662,7 @@ def _write_version(path: str, field: Field, values: np.ndarray, chunks: tuple[in
         group = zarr.open_group(_zarr_store(path), mode="w",
                                 attributes={"gridcouple": _jsonable(attributes)})
     array = group.create_array(
-        field.field_id, shape=values.shape, dtype=values.dtype, chunks=chunks or None,
+        field.field_id, shape=values.shape, dtype=values.dtype, chunks=chunks or "auto",
         compressors=None, filters=None, fill_value=0, dimension_names=_dimension_names(
             field, values.ndim))
     if isinstance(field.mesh, StructuredMesh):
@@ -692,7 +700,9 @@ def _read_mesh(url: str, path: str) -> UnstructuredMesh:
     group = zarr.open_group(_zarr_store(f"{url.rstrip('/')}/{path}"), mode="r")
     cells = {name.removeprefix("cells-"): array[...] for name, array in group.arrays()
              if name.startswith("cells-")}
-    return UnstructuredMesh(group["vertices"][...], cells)
+    vertices = group["vertices"]
+    assert isinstance(vertices, zarr.Array)  # written by _write_mesh
+    return UnstructuredMesh(vertices[...], cells)
 
 
 def _group_json(attributes: Mapping[str, Any]) -> bytes:
@@ -840,7 +850,7 @@ def _read_local_chunks(array_dir: Path, out: np.ndarray | None = None) -> np.nda
     meta, pieces = layout
     if out is None:
         out = np.empty(meta["shape"], dtype=np.dtype(meta["data_type"]))
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data
 
     def read(piece: tuple[str, int, int]) -> None:
         key, offset, size = piece
@@ -866,7 +876,7 @@ def _write_local_chunks(array_dir: Path, values: np.ndarray, chunks: tuple[int, 
     if layout is None:
         return False
     _, pieces = layout
-    flat = memoryview(values.reshape(-1).view(np.uint8))
+    flat = values.reshape(-1).view(np.uint8).data
     chunk_bytes = pieces[0][2] if pieces else 0
 
     def write(piece: tuple[str, int, int]) -> None:

@@ -34,7 +34,7 @@ def encode(value: Any) -> tuple[bytes, list[memoryview]]:
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise TypeError(f"cannot send a numpy array of dtype {obj.dtype}")
             array = obj if obj.flags.c_contiguous else obj.copy(order="C")  # keeps 0-d 0-d
-            buffers.append(memoryview(array.reshape(-1).view(np.uint8)))
+            buffers.append(array.reshape(-1).view(np.uint8).data)
             header = [array.dtype.str, list(array.shape), len(buffers) - 1]
             return msgpack.ExtType(_ARRAY, msgpack.packb(header))
         if isinstance(obj, np.generic):
