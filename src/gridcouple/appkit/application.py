@@ -25,14 +25,13 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import tempfile
 import threading
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from gridcouple.appkit.data import Field, Property, TimeStep
-from gridcouple.appkit.store import FieldRef, FieldStore
+from gridcouple.appkit.store import FieldRef, FieldStore, new_scratch_root
 
 FIELD_STORE_ENV = "GRIDCOUPLE_FIELD_STORE"
 
@@ -205,7 +204,7 @@ class Application:
             url = os.environ.get(FIELD_STORE_ENV)
             if not url:
                 base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-                url = tempfile.mkdtemp(prefix="gridcouple-fields-", dir=base)
+                url = new_scratch_root(base)
             self._field_store = FieldStore(url)
         return self._field_store
 

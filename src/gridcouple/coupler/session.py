@@ -37,7 +37,6 @@ import re
 import secrets
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gridcouple.appkit.server import JOIN_HANDLER, SCHEDULER_TLS_ENV, TLS_ENV, join_proof
+from gridcouple.appkit.store import new_scratch_root
 from gridcouple.appkit.transport import (
     TOKEN_ENV,
     ApplicationProxy,
@@ -564,7 +564,7 @@ class Coupler:
                                   f"{backend.name} backend has no place for field versions that "
                                   "every application can read; set one")
             os.makedirs(base, mode=0o700, exist_ok=True)
-            root = tempfile.mkdtemp(prefix="gridcouple-fields-", dir=base)
+            root = new_scratch_root(base)  # also removes those of dead couplers
             self._own_stores.append(root)
             self._store_roots[backend.name] = root
         return self._store_roots[backend.name]
