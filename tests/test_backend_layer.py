@@ -272,3 +272,18 @@ def test_one_scenario_on_two_named_local_backends_and_slurm(tmp_path, monkeypatc
     assert len({jobs[n].native_id.split("_")[0] for n in ("h1", "h2")}) == 1  # one sbatch
     with Journal(tmp_path / "state" / "journal.sqlite") as journal:
         assert journal.records() == []  # the default backend ran nothing
+
+
+@pytest.mark.slurm
+def test_a_task_file_holding_secrets_is_owner_only_in_an_open_state_dir(slurm):
+    slurm.state_dir.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        jobs = slurm.submit([JobSpec(argv=("true",), name="secret", attributes=PARKED,
+                                     environment={"GRIDCOUPLE_APP_TOKEN": "s3cret"})])
+    finally:
+        os.umask(old)
+    slurm.cancel(jobs)
+    [tasks] = (slurm.state_dir / "slurm").glob("*.tasks")
+    assert "s3cret" in tasks.read_text()
+    assert tasks.stat().st_mode & 0o077 == 0
