@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gridcouple.errors import ConfigError, OptionError
+from gridcouple.jobman.settings import JobManagerSection
 
 T = TypeVar("T")
 
@@ -72,7 +73,8 @@ class CouplerSection:
             raise OptionError("call_timeout", f"must not be negative, got {self.call_timeout}")
 
 
-SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection}
+SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection,
+                             "jobmanager": JobManagerSection}
 
 
 @dataclass(frozen=True)
