@@ -149,9 +149,10 @@ class JobManagerClient:
             return JobManagerUnavailable(error)
         return JobManagerRefused(response.status, error)
 
-    def call(self, method: str, path: str, payload: Any = None, **query: Any) -> Any:
+    def call(self, method: str, path: str, payload: Any = None,
+             query: dict[str, Any] | None = None) -> Any:
         """A request whose answer is JSON."""
-        response = self.request(method, path, payload, query=query or None)
+        response = self.request(method, path, payload, query=query)
         try:
             return json.loads(response.read())
         except (OSError, http.client.HTTPException, ValueError) as exc:

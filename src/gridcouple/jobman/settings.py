@@ -32,7 +32,9 @@ class JobManagerSection:
     acl: list[str] = field(default_factory=lambda: ["allow 127.0.0.0/8", "allow ::1/128"])
     apps: list[str] = field(default_factory=list)  # application classes (fnmatch patterns)
     commands: list[str] = field(default_factory=list)  # executables a job may start
-    environment: list[str] = field(default_factory=lambda: ["GRIDCOUPLE_*"])  # names clients set
+    # names of environment variables clients may set (fnmatch patterns); DASK_LOGGING__* only
+    # sets log levels (other DASK_* variables could make a server import a module)
+    environment: list[str] = field(default_factory=lambda: ["GRIDCOUPLE_*", "DASK_LOGGING__*"])
     python: str = ""  # the interpreter application servers run with; "": the server's
     max_body: int = 1 << 20  # bytes of a JSON request body
     max_upload: int = 256 << 20  # bytes of one uploaded file
