@@ -12,7 +12,8 @@ hooks below; docs/writing-a-backend.md walks through them with Slurm as the exam
 - ``task_of(native_id)``: the task index within its submission.
 - ``cancel_native`` (and optionally ``hold_native``, ``release_native``, ``signal_native``).
 - optional: ``resolve_gone`` (jobs the query no longer lists, e.g. from accounting),
-  ``enforced_walltime`` (how the system rounds a walltime), ``script_header``.
+  ``enforced_walltime`` (how the system rounds a walltime), ``script_header``, ``job_path``
+  (where a job finds its files when the batch system transfers them instead of sharing them).
 
 The core does the rest: journal records before the batch system hears of a job, the task file
 and script of each submission (two files whatever the number of jobs), native ids stored with a
@@ -138,6 +139,13 @@ class BatchBackend(SharedFileSystem, Backend):
         """Directives at the top of a submission's script (default: none)."""
         return ""
 
+    def job_path(self, path: Path) -> Path:
+        """Where the job finds ``path``, a submitting-side path below the state directory (the
+        task file, a job's home, directory and output files): the same path on a shared file
+        system (the default); a relative one, from the directory the job starts in, for a batch
+        system that transfers the files."""
+        return path
+
     @property
     def max_array_size(self) -> int:
         """Tasks one native submission may hold."""
@@ -204,8 +212,9 @@ class BatchBackend(SharedFileSystem, Backend):
                 tasks.touch(mode=0o600)  # task lines hold environments: owner only
                 tasks.write_text("\n".join(lines) + "\n")
                 script = self.batch_dir / f"{first}.sh"
-                script.write_text(render_script(tasks=tasks, task_index=self.TASK_INDEX,
-                                                state_dir=self.state_dir,
+                script.write_text(render_script(tasks=self.job_path(tasks),
+                                                task_index=self.TASK_INDEX,
+                                                state_dir=self.job_path(self.state_dir),
                                                 header=self.script_header(shape)))
                 names = {specs[i].name for i in chunk}
                 submissions.append(Submission(
@@ -218,9 +227,11 @@ class BatchBackend(SharedFileSystem, Backend):
         home = self.job_home(job_id)
         if spec.stage_in:
             self.stage_in(spec, home)
-        return task_line(spec, job_id=job_id, home=home, workdir=working_directory(spec, home),
-                         stdout=output_file(spec, home, "stdout"),
-                         stderr=output_file(spec, home, "stderr"))
+        job = self.job_path
+        return task_line(spec, job_id=job_id, home=job(home),
+                         workdir=job(working_directory(spec, home)),
+                         stdout=job(output_file(spec, home, "stdout")),
+                         stderr=job(output_file(spec, home, "stderr")))
 
     def _store_native_ids(self, native: dict[int, str]) -> list[int]:
         """Record the native ids; returns the ids whose cancel was requested meanwhile."""
