@@ -1,0 +1,512 @@
+"""The HTCondor backend: what is HTCondor on top of the batch core
+(:mod:`gridcouple.backends.batch`), through the official bindings (``htcondor2``, 24 and later).
+Its options and submit commands, its state table (:mod:`gridcouple.backends.htcondor.states`),
+and its calls:
+
+- ``Schedd.submit``: one cluster of N procs per submission of same-shape jobs; the proc runs
+  the submission's script with its ProcId, and carries the submission's tag
+  (``+GridcoupleTag`` and the submit event's notes).
+- status from the job event log (``JobEventLog``), resumed from its offset by any process (the
+  reader and what it read are kept in ``events.state``); ``Schedd.query`` only to reconcile:
+  the first status of a process, a log that is missing or was truncated, and at most once per
+  ``reconcile_interval``. ``Schedd.history`` for jobs gone from the queue.
+- ``Schedd.act``: remove, hold, release, suspend and continue.
+- without a shared file system (``spool = true``): input spooled with the jobs, output
+  retrieved once they completed, status from the schedd (the log stays in the spool).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import math
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import htcondor2
+
+from gridcouple.backends.base import Backoff
+from gridcouple.backends.batch import BatchBackend, one_line
+from gridcouple.backends.batch.script import task_ids
+from gridcouple.backends.htcondor.states import FINAL_HOLDS, condor_status, to_job_state
+from gridcouple.errors import BackendError, OptionError, QueryUnavailableError
+from gridcouple.jobs import JobSpec, JobStatus
+from gridcouple.journal import JobRecord
+
+log = logging.getLogger(__name__)
+
+# Submit commands the backend sets itself; the rest may come from options or htcondor.* attributes.
+_RESERVED = frozenset({
+    "executable", "arguments", "initialdir", "log", "output", "error", "universe", "batch_name",
+    "transfer_executable", "should_transfer_files", "when_to_transfer_output",
+    "transfer_input_files", "transfer_output_files", "preserve_relative_paths",
+    "+gridcoupletag", "submit_event_notes", "periodic_remove", "job_max_vacate_time"})
+_ATTRIBUTES = ["ClusterId", "ProcId", "JobStatus", "HoldReason", "HoldReasonCode",
+               "LastHoldReason", "LastHoldReasonCode", "RemoveReason", "LastRejMatchReason",
+               "ExitCode", "ExitBySignal", "ExitSignal", "QDate", "JobStartDate",
+               "CompletionDate", "EnteredCurrentStatus", "RemoteHost", "LastRemoteHost",
+               "GridcoupleTag"]
+_PRUNE_AFTER = 3600.0  # seconds a final job stays in events.state (then the history answers)
+
+
+@dataclass(frozen=True)
+class HTCondorOptions:
+    """``[backend.htcondor]`` options. A job adds or overrides submit commands with
+    ``htcondor.COMMAND`` attributes (``htcondor.request_disk``, ``htcondor.requirements``)."""
+
+    condor_config: Path | None = None  # CONDOR_CONFIG for the bindings; else the environment's
+    collector: str | None = None  # the central manager, host[:port]; else COLLECTOR_HOST
+    schedd: str | None = None  # the schedd's Name when the pool has several; else the local one
+    spool: bool = False  # no shared file system: spool the input, retrieve the output
+    submit_commands: dict[str, str] = field(default_factory=dict)  # for every job
+    poll_interval: float = 1.0  # the longest pause between two reads of the event log
+    reconcile_interval: float = 60.0  # the least pause between two schedd queries
+    kill_wait: float = 10.0  # seconds from a cancel's TERM to HTCondor's KILL
+
+    def __post_init__(self) -> None:
+        for key in ("poll_interval", "reconcile_interval", "kill_wait"):
+            if getattr(self, key) <= 0:
+                raise OptionError(key, f"must be positive, got {getattr(self, key)}")
+        try:
+            _check_commands(self.submit_commands)
+        except ValueError as exc:
+            raise OptionError("submit_commands", str(exc)) from None
+
+
+def _check_commands(commands: Mapping[str, object]) -> None:
+    for key, value in commands.items():
+        if key.lower() in _RESERVED:
+            raise ValueError(f"{key!r} is set by the backend")
+        if "\n" in str(value) or "\n" in key:
+            raise ValueError(f"{key!r}: a submit command is one line")
+
+
+def submit_commands(spec: JobSpec, options: HTCondorOptions) -> tuple[str, ...]:
+    """The submit commands a job asks for, ``name=value``: its resources, then the options'
+    and its own ``htcondor.*`` commands."""
+    resources = spec.resources
+    if resources.nodes != 1:
+        raise BackendError(f"job {spec.name}: HTCondor runs a job on one machine (vanilla "
+                           f"universe); nodes={resources.nodes} is not supported")
+    commands = {"request_cpus": str(resources.cpus)}
+    if resources.memory_mb is not None:
+        commands["request_memory"] = f"{resources.memory_mb}MB"
+    if resources.gpus:
+        commands["request_gpus"] = str(resources.gpus)
+    if resources.walltime is not None:  # enforced by the starter: held, code 46
+        commands["allowed_job_duration"] = str(math.ceil(resources.walltime))
+    own = {k: str(v) for k, v in spec.attributes_for("htcondor").items()}
+    try:
+        _check_commands(own)
+    except ValueError as exc:
+        raise BackendError(f"job {spec.name}: attribute htcondor.{exc}") from None
+    commands.update(options.submit_commands, **own)
+    return tuple(f"{key}={value}" for key, value in sorted(commands.items()))
+
+
+class CondorRow(NamedTuple):
+    """One job as the event log or the schedd described it last."""
+
+    job_status: int = 1
+    reason: str = ""
+    hold_code: int = 0
+    exit_code: int | None = None
+    signal: int | None = None
+    submit_time: float | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+    host: str = ""
+    tag: str = ""  # the submission's tag (+GridcoupleTag, or the submit event's notes)
+
+    @property
+    def final(self) -> bool:
+        state = to_job_state(self.job_status, self.hold_code, self.exit_code, self.signal)
+        return state is not None and state.is_final
+
+    def status(self, previous: JobStatus) -> JobStatus:
+        """Our status for this row."""
+        return condor_status(self.job_status, previous, reason=self.reason,
+                             hold_code=self.hold_code, exit_code=self.exit_code,
+                             signal=self.signal, submit_time=self.submit_time,
+                             start_time=self.start_time, end_time=self.end_time, host=self.host)
+
+
+def row_from_ad(ad: Any) -> CondorRow:
+    """A row from a job ad of the queue or the history."""
+    status = ad.get("JobStatus", 0)
+    hold_code = ad.get("HoldReasonCode") if status == 5 else (
+        ad.get("LastHoldReasonCode") if status == 3 else 0)
+    reason = {1: "LastRejMatchReason", 3: "RemoveReason", 5: "HoldReason"}.get(status, "")
+    text = ad.get(reason) or "" if reason else ""
+    if status == 3 and hold_code in FINAL_HOLDS:  # removed by periodic_remove after that hold
+        text = ad.get("LastHoldReason") or text
+    return CondorRow(
+        job_status=status, reason=text, hold_code=hold_code or 0, exit_code=ad.get("ExitCode"),
+        signal=ad.get("ExitSignal") if ad.get("ExitBySignal") else None,
+        submit_time=ad.get("QDate"), start_time=ad.get("JobStartDate"),
+        end_time=(ad.get("CompletionDate") or ad.get("EnteredCurrentStatus")) if status in (
+            3, 4) else None,
+        host=ad.get("RemoteHost") or ad.get("LastRemoteHost") or "",
+        tag=ad.get("GridcoupleTag") or "")
+
+
+def apply_event(rows: dict[str, CondorRow], event: Any) -> None:
+    """Update ``rows`` with one event of the job event log."""
+    kinds = htcondor2.JobEventType
+    native_id = f"{event.cluster}.{event.proc}"
+    row, kind, when = rows.get(native_id, CondorRow()), event.type, float(event.timestamp)
+    if kind == kinds.SUBMIT:
+        row = row._replace(job_status=1, submit_time=when, tag=event.get("LogNotes", ""))
+    elif kind == kinds.EXECUTE:
+        row = row._replace(job_status=2, start_time=when, host=event.get("SlotName", ""),
+                           reason="")
+    elif kind == kinds.JOB_TERMINATED:
+        row = row._replace(job_status=4, end_time=when, exit_code=event.get("ReturnValue"),
+                           signal=event.get("TerminatedBySignal"))
+    elif kind == kinds.JOB_ABORTED:
+        row = row._replace(job_status=3, end_time=when, reason=event.get("Reason", ""))
+    elif kind == kinds.JOB_HELD:
+        row = row._replace(job_status=5, end_time=when, reason=event.get("HoldReason", ""),
+                           hold_code=event.get("HoldReasonCode", 0))
+    elif kind in (kinds.JOB_RELEASED, kinds.JOB_EVICTED):
+        row = row._replace(job_status=1, hold_code=0, reason=event.get("Reason", ""))
+    elif kind in (kinds.JOB_SUSPENDED, kinds.JOB_UNSUSPENDED):
+        row = row._replace(job_status=7 if kind == kinds.JOB_SUSPENDED else 2)
+    elif kind == kinds.REMOTE_ERROR:
+        row = row._replace(reason=event.get("ErrorMsg", ""))
+    else:
+        return
+    rows[native_id] = row
+
+
+@dataclass
+class _Followed:
+    """What was read of the event log, kept between processes in ``events.state``."""
+
+    reader: bytes | None = None  # the pickled JobEventLog
+    inode: int = 0
+    offset: int = 0
+    rows: dict[str, CondorRow] = field(default_factory=dict)
+    reconciled: float = 0.0  # time.time() of the last schedd query
+    retrieved: set[str] = field(default_factory=set)  # spooled jobs whose output came back
+
+
+def _configure(options: HTCondorOptions) -> None:
+    """Point the (process-wide) bindings at the configured pool."""
+    if options.condor_config and os.environ.get("CONDOR_CONFIG") != str(options.condor_config):
+        os.environ["CONDOR_CONFIG"] = str(options.condor_config)
+        htcondor2.reload_config()
+
+
+def _constraint(native_ids: Sequence[str]) -> str:
+    """A ClassAd constraint for these jobs."""
+    procs: dict[str, list[str]] = {}
+    for native_id in native_ids:
+        cluster, _, proc = native_id.partition(".")
+        procs.setdefault(cluster, []).append(proc)
+    return " || ".join(f"(ClusterId == {c} && member(ProcId, {{{', '.join(p)}}}))"
+                       for c, p in procs.items())
+
+
+def _native_id(ad: Any) -> str:
+    return f"{ad['ClusterId']}.{ad['ProcId']}"
+
+
+class HTCondorBackend(BatchBackend):
+    """Jobs in an HTCondor pool (see the module docstring). Without ``spool`` the state
+    directory must be on a file system the execute machines share (the only files they need)."""
+
+    kind = "htcondor"
+    Options = HTCondorOptions
+    TASK_INDEX = "${1:-0}"  # arguments = $(ProcId)
+    GONE = "not in the schedd's queue"
+    shares_file_system: ClassVar[bool] = False  # at most the state directory is shared
+
+    def __init__(self, options: HTCondorOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(options or HTCondorOptions(), **kwargs)
+        self.backoff = Backoff(first=min(0.1, self.options.poll_interval),
+                               most=self.options.poll_interval)
+        self.event_log = self.batch_dir / "events.log"
+        self._lock = threading.Lock()
+        self._followed_state = _Followed()
+        self._stamp: int | None = None
+        self._reconciled_here = False
+        self._warned: set[str] = set()
+        _configure(self.options)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s: %s", self.name, message)
+
+    @cached_property
+    def schedd(self) -> Any:
+        """The configured schedd (located once through the collector)."""
+        try:
+            collector = htcondor2.Collector(self.options.collector or None)
+            ad = collector.locate(htcondor2.DaemonType.Schedd, self.options.schedd) \
+                if self.options.schedd else collector.locate(htcondor2.DaemonType.Schedd)
+        except htcondor2.HTCondorException as exc:
+            which = f"the schedd {self.options.schedd}" if self.options.schedd else "a schedd"
+            pool = self.options.collector or "the configured collector"
+            raise QueryUnavailableError(f"cannot locate {which} through {pool}: "
+                                        f"{one_line(str(exc))}") from exc
+        return htcondor2.Schedd(ad)
+
+    # --- the batch core's hooks ---------------------------------------------------------------
+
+    def submission_shape(self, spec: JobSpec) -> tuple[str, ...]:
+        """The submit commands the job asks for."""
+        return submit_commands(spec, self.options)
+
+    def script_header(self, shape: tuple[str, ...]) -> str:
+        """HTCondor signals only the script on remove: it passes the TERM to the command."""
+        return "forward_term=1"
+
+    def job_path(self, path: Path) -> Path:
+        """With spooling, paths relative to the job's scratch directory (the state directory's
+        layout is transferred below it)."""
+        if not self.options.spool:
+            return path
+        try:
+            return path.relative_to(self.state_dir)
+        except ValueError:
+            raise BackendError(f"without a shared file system (spool = true) a job's files stay "
+                               f"in its home; {path} is outside {self.state_dir}") from None
+
+    def submit_array(self, shape: tuple[str, ...], script: Path, count: int, name: str,
+                     tag: str) -> list[str]:
+        """One ``Schedd.submit``: a cluster of ``count`` procs running ``script ProcId``."""
+        first = script.stem
+        commands = {
+            "executable": str(script), "arguments": "$(ProcId)", "initialdir": str(self.state_dir),
+            "error": f"{self.batch_dir.name}/{first}.$(ProcId).err", "batch_name": name,
+            "+GridcoupleTag": '"' + tag + '"', "submit_event_notes": tag,
+            "periodic_remove": ("JobStatus == 5 && member(HoldReasonCode, {"
+                                + ", ".join(map(str, sorted(FINAL_HOLDS))) + "})"),
+            "job_max_vacate_time": str(math.ceil(self.options.kill_wait)),
+            **dict(command.split("=", 1) for command in shape)}
+        script.chmod(0o755)
+        items = None
+        if self.options.spool:
+            commands.update(should_transfer_files="YES", when_to_transfer_output="ON_EXIT",
+                            preserve_relative_paths="true", transfer_input_files="$(inputs)",
+                            transfer_output_files="$(home)")
+            tasks = self.job_path(script.with_suffix(".tasks"))
+            items = []
+            for job_id in task_ids(script.with_suffix(".tasks").read_text().splitlines()):
+                home = self.job_path(self.job_home(job_id))
+                inputs = [str(tasks), *([str(home)] if self.job_home(job_id).exists() else [])]
+                items.append({"home": str(home), "inputs": ", ".join(inputs)})
+        else:
+            commands.update(transfer_executable="false", log=str(self.event_log))
+        try:
+            schedd = self.schedd
+            if items is None:
+                result = schedd.submit(htcondor2.Submit(commands), count=count)
+            else:
+                result = schedd.submit(htcondor2.Submit(commands), itemdata=iter(items),
+                                       spool=True)
+                self._spool(result)
+        except (htcondor2.HTCondorException, QueryUnavailableError) as exc:
+            raise BackendError(f"Schedd.submit failed: {one_line(str(exc))}") from exc
+        cluster, start = result.cluster(), result.first_proc()
+        return [f"{cluster}.{proc}" for proc in range(start, start + result.num_procs())]
+
+    def _spool(self, result: Any) -> None:
+        """Upload the input of spooled jobs (they wait HELD until then); remove them if that
+        fails."""
+        try:
+            self.schedd.spool(result)
+        except htcondor2.HTCondorException:
+            with contextlib.suppress(htcondor2.HTCondorException):
+                self.schedd.act(htcondor2.JobAction.Remove, result.cluster(),
+                                ("spooling the input failed", 0))
+            raise
+
+    def list_jobs(self, with_tags: bool) -> Mapping[str, CondorRow]:
+        """The jobs of this state directory: from the event log, reconciled with the schedd
+        when that is due (see the module docstring); with spooling from the schedd."""
+        with self._followed() as followed:
+            readable = not self.options.spool and self._read_events(followed)
+            due = time.time() - followed.reconciled >= self.options.reconcile_interval
+            if not readable or due or not self._reconciled_here:
+                self._reconcile(followed, required=not readable)
+            if self.options.spool:
+                self._retrieve(followed)
+            return dict(followed.rows)
+
+    def task_of(self, native_id: str) -> int:
+        """``12.4`` is proc 4: task 4 of its submission."""
+        return int(native_id.partition(".")[2] or 0)
+
+    def resolve_gone(self, records: Sequence[JobRecord],
+                     native: Mapping[int, str]) -> tuple[dict[int, JobStatus], str]:
+        """Jobs the log and the last reconcile do not have: the queue (a log that is missing or
+        was truncated), then the history."""
+        wanted = {native[r.job.id]: r for r in records if r.job.id in native}
+        if not wanted:
+            return {}, ""
+        try:
+            ads = {_native_id(ad): ad for ad in self.schedd.query(_constraint(list(wanted)),
+                                                                  _ATTRIBUTES)}
+            rest = [n for n in wanted if n not in ads]
+            if rest:
+                ads.update((_native_id(ad), ad) for ad in self.schedd.history(
+                    _constraint(rest), _ATTRIBUTES, match=len(rest)))
+        except htcondor2.HTCondorException as exc:
+            raise QueryUnavailableError(f"the schedd did not answer: {one_line(str(exc))}") from exc
+        return ({wanted[n].job.id: row_from_ad(ad).status(wanted[n].status)
+                 for n, ad in ads.items() if n in wanted}, "nor in its history")
+
+    def enforced_walltime(self, spec: JobSpec) -> float | None:
+        """allowed_job_duration counts whole seconds."""
+        walltime = spec.resources.walltime
+        return None if walltime is None else float(math.ceil(walltime))
+
+    def cancel_native(self, native_ids: Sequence[str]) -> None:
+        """Remove the jobs: TERM to the script (which passes it on), KILL after kill_wait."""
+        self._act(htcondor2.JobAction.Remove, native_ids, "canceled by gridcouple")
+
+    def hold_native(self, native_ids: Sequence[str]) -> None:
+        """Hold: waiting jobs stay HELD (HoldReasonCode 1); running ones are stopped."""
+        self._act(htcondor2.JobAction.Hold, native_ids, "held by gridcouple")
+
+    def release_native(self, native_ids: Sequence[str]) -> None:
+        """Release held jobs."""
+        self._act(htcondor2.JobAction.Release, native_ids, "released by gridcouple")
+
+    def signal_native(self, native_ids: Sequence[str], signal: str) -> None:
+        """STOP and CONT are HTCondor's suspend and continue; HTCondor has no action that sends
+        any other signal to a job."""
+        actions = {"STOP": htcondor2.JobAction.Suspend, "CONT": htcondor2.JobAction.Continue}
+        name = signal.upper().removeprefix("SIG")
+        if name not in actions:
+            raise BackendError(f"HTCondor cannot send SIG{name} to a job: its schedd sends only "
+                               "STOP and CONT (suspend, continue), and TERM on cancel")
+        self._act(actions[name], native_ids, f"SIG{name} from gridcouple")
+
+    @property
+    def end_grace(self) -> float:
+        """kill_wait plus a margin for the shadow to log the end."""
+        return self.options.kill_wait + 5.0
+
+    def field_store_base(self) -> str | None:
+        """Below the shared state directory; none with spooling."""
+        return None if self.options.spool else super().field_store_base()
+
+    # --- the schedd ---------------------------------------------------------------------------
+
+    def _act(self, action: Any, native_ids: Sequence[str], reason: str) -> None:
+        """One Schedd.act; jobs already gone are not an error. The reason goes as a tuple (a
+        plain string is dropped by the bindings)."""
+        if not native_ids:
+            return
+        try:
+            result = self.schedd.act(action, list(native_ids), (reason, 0))
+        except htcondor2.HTCondorException as exc:
+            raise BackendError(f"{action.name} failed: {one_line(str(exc))}") from exc
+        if result is not None and (result["TotalPermissionDenied"] or result["TotalError"]):
+            raise BackendError(f"{action.name} of {', '.join(native_ids[:5])}: permission denied "
+                               f"for {result['TotalPermissionDenied']}, errors for "
+                               f"{result['TotalError']} of {len(native_ids)} jobs")
+
+    def _reconcile(self, followed: _Followed, *, required: bool) -> None:
+        """One Schedd.query for all jobs of this state directory: it overrides what the log
+        said; a job the log has not seen end and the queue no longer has is left to history."""
+        prefix = f"gridcouple:{self.journal_key}:"
+        try:
+            ads = self.schedd.query(f'regexp("^{prefix}", GridcoupleTag)', _ATTRIBUTES)
+        except (htcondor2.HTCondorException, QueryUnavailableError) as exc:
+            if required:
+                raise QueryUnavailableError(f"the schedd did not answer: {one_line(str(exc))}"
+                                            ) from exc
+            self._warn_once(f"the schedd did not answer; going on from the event log: "
+                            f"{one_line(str(exc))}")
+            followed.reconciled = time.time()
+            return
+        self._reconciled_here, followed.reconciled = True, time.time()
+        queued = {_native_id(ad): row_from_ad(ad) for ad in ads}
+        for native_id, row in list(followed.rows.items()):
+            if not row.final and native_id not in queued:
+                del followed.rows[native_id]
+        for native_id, row in queued.items():
+            old = followed.rows.get(native_id)
+            if old is None or not old.final:
+                followed.rows[native_id] = row._replace(tag=row.tag or (old.tag if old else ""))
+
+    def _retrieve(self, followed: _Followed) -> None:
+        """Bring back the output of spooled jobs that completed (before they are reported)."""
+        done = [n for n, row in followed.rows.items()
+                if row.job_status == 4 and n not in followed.retrieved]
+        if not done:
+            return
+        try:
+            self.schedd.retrieve(done)
+        except htcondor2.HTCondorException as exc:
+            for native_id in done:
+                del followed.rows[native_id]  # not final until their output is here
+            raise QueryUnavailableError(f"Schedd.retrieve failed: {one_line(str(exc))}") from exc
+        followed.retrieved.update(done)
+
+    # --- the event log ------------------------------------------------------------------------
+
+    def _read_events(self, followed: _Followed) -> bool:
+        """Read the new events; False when the log is missing, unreadable, or was truncated or
+        replaced (then read again from its start: the schedd must tell what was lost)."""
+        path = str(self.event_log)
+        try:
+            stat = os.stat(path)
+            whole = (followed.reader is not None and stat.st_ino == followed.inode
+                     and stat.st_size >= followed.offset)
+            reader = pickle.loads(followed.reader) if whole and followed.reader else \
+                htcondor2.JobEventLog(path)
+            for event in reader.events(stop_after=0):
+                apply_event(followed.rows, event)
+            offset = reader.__getstate__()[1]
+        except (OSError, htcondor2.HTCondorException) as exc:
+            self._warn_once(f"the event log {path} cannot be read; asking the schedd at each "
+                            f"poll: {one_line(str(exc))}")
+            return False
+        broken = followed.reader is not None and not whole
+        if broken:
+            self._warn_once(f"the event log {path} was truncated or replaced; read again from "
+                            "its start, and the schedd asked")
+        followed.reader, followed.inode, followed.offset = pickle.dumps(reader), stat.st_ino, offset
+        return not broken
+
+    @contextlib.contextmanager
+    def _followed(self) -> Iterator[_Followed]:
+        """The followed state, loaded when another process saved it since, saved after."""
+        self.batch_dir.mkdir(parents=True, exist_ok=True)
+        path = self.batch_dir / "events.state"
+        with self._lock, open(self.batch_dir / "events.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime_ns != self._stamp:
+                    try:
+                        self._followed_state = pickle.loads(path.read_bytes())
+                    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+                        self._followed_state = _Followed()
+            followed = self._followed_state
+            before = pickle.dumps(followed)
+            yield followed
+            old = time.time() - _PRUNE_AFTER
+            for native_id in [n for n, row in followed.rows.items()
+                              if row.final and (row.end_time or 0) < old]:
+                del followed.rows[native_id]
+                followed.retrieved.discard(native_id)
+            data = pickle.dumps(followed)
+            if data != before:
+                temporary = path.with_suffix(".part")
+                temporary.write_bytes(data)
+                temporary.replace(path)
+                self._stamp = path.stat().st_mtime_ns
