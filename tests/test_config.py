@@ -30,10 +30,11 @@ def test_defaults_without_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GRIDCOUPLE_CONFIG", raising=False)
     monkeypatch.delenv("GRIDCOUPLE_BACKEND", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     config = load_config()
     assert config.path is None
     assert config.backend == "local"
-    assert config.state_dir == tmp_path / ".gridcouple"
+    assert config.state_dir == tmp_path / "xdg" / "gridcouple"  # one per user (issue 15)
 
 
 def test_a_full_file_is_read_and_paths_are_relative_to_it(tmp_path, monkeypatch):

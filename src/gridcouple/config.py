@@ -2,7 +2,8 @@
 
 Shape::
 
-    state_dir = ".gridcouple"          # journal, job directories (relative to this file)
+    state_dir = "~/gc-state"           # journal, job homes (relative to this file); default:
+                                       # one per user, $XDG_STATE_HOME/gridcouple
 
     [backend]
     name = "local"                     # GRIDCOUPLE_BACKEND overrides it
@@ -20,6 +21,10 @@ Each ``[backend.NAME]`` table is one named backend: ``type`` (default NAME), ``s
 ``Options``. :data:`SECTIONS` validates the other tables. The file is found from
 ``--config``, then ``GRIDCOUPLE_CONFIG``, then ``./gridcouple.toml``; with none of them the
 defaults apply.
+
+Loading stops at the first error, unless the caller passes a list as ``errors``: then every
+error is appended there (each naming its file, line and key) and loading goes on with the
+defaults for what was wrong, so ``gridcouple config check`` reports them all at once.
 """
 
 from __future__ import annotations
@@ -44,6 +49,17 @@ T = TypeVar("T")
 CONFIG_ENV = "GRIDCOUPLE_CONFIG"
 BACKEND_ENV = "GRIDCOUPLE_BACKEND"
 DEFAULT_FILE = "gridcouple.toml"
+STATE_ENV = "XDG_STATE_HOME"
+
+
+def default_state_dir() -> Path:
+    """One state directory per user, wherever the command runs: ``$XDG_STATE_HOME/gridcouple``,
+    else ``~/.local/state/gridcouple`` (the XDG base directory rules: a relative
+    ``$XDG_STATE_HOME`` is ignored)."""
+    base = os.environ.get(STATE_ENV, "")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "gridcouple"
 
 
 @dataclass(frozen=True)
@@ -115,16 +131,17 @@ class Config:
         """The validated dataclass of a top-level section, e.g. ``config.section("coupler")``."""
         return self.sections[name]
 
-    def backend_options(self, name: str, options_type: type[T]) -> T:
+    def backend_options(self, name: str, options_type: type[T],
+                        errors: list[ConfigError] | None = None) -> T:
         """Validate ``[backend.NAME]`` (less its :class:`SiteKeys`) against the backend's
-        options dataclass."""
+        options dataclass (``errors``: see the module docstring)."""
         table = {k: v for k, v in self.backend_tables.get(name, {}).items() if k not in SITE_KEYS}
-        return validate(options_type, table, ("backend", name), self)
+        return validate(options_type, table, ("backend", name), self, errors)
 
-    def site(self, name: str) -> SiteKeys:
+    def site(self, name: str, errors: list[ConfigError] | None = None) -> SiteKeys:
         """The :class:`SiteKeys` of backend ``name`` (defaults when it has no table)."""
         table = {k: v for k, v in self.backend_tables.get(name, {}).items() if k in SITE_KEYS}
-        return validate(SiteKeys, table, ("backend", name), self)
+        return validate(SiteKeys, table, ("backend", name), self, errors)
 
     def backend_kind(self, name: str) -> tuple[str, str]:
         """The kind of backend ``name`` and where it was said, for messages."""
@@ -146,8 +163,10 @@ class Config:
         return f"{place}: [{'.'.join(table)}] {key}" if table else f"{place}: {key}"
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Find, read and validate the configuration (see the module docstring for the order)."""
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                errors: list[ConfigError] | None = None) -> Config:
+    """Find, read and validate the configuration (see the module docstring for the order and
+    for ``errors``). A file that is missing or not TOML raises in any case."""
     from_env = path is None and bool(os.environ.get(CONFIG_ENV))
     if from_env:
         path = os.environ[CONFIG_ENV]
@@ -170,39 +189,53 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{file}: not valid TOML: {exc}") from None
         base = file.parent
-    return _build(data, file, text, base)
+    return _build(data, file, text, base, errors)
 
 
-def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Config:
+def _report(errors: list[ConfigError] | None, message: str) -> None:
+    """Raise the error, or note it when every error is collected."""
+    if errors is None:
+        raise ConfigError(message)
+    errors.append(ConfigError(message))
+
+
+def _build(data: dict[str, Any], file: Path | None, text: str, base: Path,
+           errors: list[ConfigError] | None = None) -> Config:
     probe = Config(path=file, state_dir=base, backend="", sections={}, backend_tables={}, text=text)
     allowed = {"state_dir", *SECTIONS}
     for key in data:
         if key not in allowed:
-            raise ConfigError(f"{probe.where((key,))}: unknown key{_suggest(key, allowed)}")
-    state_dir = data.get("state_dir", ".gridcouple")
-    if not isinstance(state_dir, str):
-        raise ConfigError(f"{probe.where(('state_dir',))}: expected a string (a directory path)")
-    if not isinstance(data.get("backend", {}), dict):
-        raise ConfigError(f"{probe.where(('backend',))}: expected a table ([backend] with "
-                          f"name = \"local\"), got {_kind(data['backend'])}")
-    backend_table = dict(data.get("backend", {}))
+            _report(errors, f"{probe.where((key,))}: unknown key{_suggest(key, allowed)}")
+    state_dir = data.get("state_dir")
+    if state_dir is not None and not isinstance(state_dir, str):
+        _report(errors, f"{probe.where(('state_dir',))}: expected a string (a directory path)")
+        state_dir = None
+    backend_table = data.get("backend", {})
+    if not isinstance(backend_table, dict):
+        _report(errors, f"{probe.where(('backend',))}: expected a table ([backend] with "
+                        f"name = \"local\"), got {_kind(backend_table)}")
+        backend_table = {}
+    backend_table = dict(backend_table)
     backend_tables = {k: v for k, v in backend_table.items() if isinstance(v, dict)}
-    for name in backend_tables:
+    for name in list(backend_tables):
         del backend_table[name]
         if not _BACKEND_NAME.fullmatch(name):
-            raise ConfigError(f"{probe.where(('backend', name), is_table=True)}: a backend name "
-                              "is 1-64 letters, digits, '_', '.' or '-'")
+            _report(errors, f"{probe.where(('backend', name), is_table=True)}: a backend name "
+                            "is 1-64 letters, digits, '_', '.' or '-'")
+            del backend_tables[name]
     sections: dict[str, Any] = {}
     for name, section_type in SECTIONS.items():
         table = backend_table if name == "backend" else data.get(name, {})
         if not isinstance(table, dict):
-            raise ConfigError(f"{probe.where((name,))}: expected a table")
-        sections[name] = validate(section_type, table, (name,), probe)
+            _report(errors, f"{probe.where((name,))}: expected a table")
+            table = {}
+        sections[name] = validate(section_type, table, (name,), probe, errors)
     backend = os.environ.get(BACKEND_ENV) or sections["backend"].name
     origin = f"${BACKEND_ENV}" if os.environ.get(BACKEND_ENV) else probe.where(("backend", "name"))
     return Config(
         path=file,
-        state_dir=(base / Path(state_dir).expanduser()).resolve(),
+        state_dir=(base / Path(state_dir).expanduser()).resolve() if state_dir
+        else default_state_dir(),
         backend=backend,
         sections=sections,
         backend_tables=backend_tables,
@@ -212,28 +245,37 @@ def _build(data: dict[str, Any], file: Path | None, text: str, base: Path) -> Co
 
 
 def validate(
-    options_type: type[T], table: Mapping[str, Any], where: tuple[str, ...], config: Config
+    options_type: type[T], table: Mapping[str, Any], where: tuple[str, ...], config: Config,
+    errors: list[ConfigError] | None = None,
 ) -> T:
     """Build ``options_type`` (a dataclass) from a TOML table, checking names and types.
 
     Supported field types: str, int, float, bool, Path, list[X], dict[str, X], X | None,
     Literal[...]. The dataclass's ``__post_init__`` may raise OptionError (the message then
-    points at that key's line) or ValueError (at the table's) for bad values.
+    points at that key's line) or ValueError (at the table's) for bad values. With
+    ``errors``, every bad key is noted there and left at its default; a value refused by
+    ``__post_init__`` is noted and the defaults are returned.
     """
     hints = typing.get_type_hints(options_type)
     fields = {f.name: f for f in dataclasses.fields(options_type) if f.init}  # type: ignore[arg-type]
     values = {}
     for key, value in table.items():
         keys = (*where, key)
-        if key not in fields:
-            raise ConfigError(f"{config.where(keys)}: unknown key{_suggest(key, fields)}")
-        values[key] = _convert(value, hints[key], keys, config)
+        try:
+            if key not in fields:
+                raise ConfigError(f"{config.where(keys)}: unknown key{_suggest(key, fields)}")
+            values[key] = _convert(value, hints[key], keys, config)
+        except ConfigError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
     try:
         return options_type(**values)
     except OptionError as exc:
-        raise ConfigError(f"{config.where((*where, exc.key))}: {exc}") from None
+        _report(errors, f"{config.where((*where, exc.key))}: {exc}")
     except ValueError as exc:
-        raise ConfigError(f"{config.where(where, is_table=True)}: {exc}") from None
+        _report(errors, f"{config.where(where, is_table=True)}: {exc}")
+    return options_type()
 
 
 def _convert(value: Any, hint: Any, keys: tuple[str, ...], config: Config) -> Any:
@@ -307,9 +349,10 @@ def _split_dotted(text: str) -> tuple[str, ...]:
 
 
 def locate_key(text: str, keys: tuple[str, ...]) -> int | None:
-    """The 1-based line of ``keys`` (a table path plus key) in TOML text, or of its table."""
+    """The 1-based line of ``keys`` (a table path plus key) in TOML text, else of its table,
+    else of the first table or dotted key below it (``[bakend.local]`` for ``bakend``)."""
     table: tuple[str, ...] = ()
-    table_line = None
+    table_line = below_line = None
     for number, line in enumerate(text.splitlines(), start=1):
         match = _TABLE_RE.match(line)
         if match:
@@ -318,8 +361,14 @@ def locate_key(text: str, keys: tuple[str, ...]) -> int | None:
                 return number
             if table == keys[: len(table)] and table:
                 table_line = number
+            elif table[: len(keys)] == keys and below_line is None:
+                below_line = number
             continue
         match = _KEY_RE.match(line)
-        if match and (*table, *_split_dotted(match.group(1))) == keys:
-            return number
-    return table_line
+        if match:
+            path = (*table, *_split_dotted(match.group(1)))
+            if path == keys:
+                return number
+            if path[: len(keys)] == keys and below_line is None:
+                below_line = number
+    return table_line if table_line is not None else below_line

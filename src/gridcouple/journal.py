@@ -94,6 +94,12 @@ class Journal:
                 if statement.strip():
                     db.execute(statement)
 
+    @classmethod
+    def existing(cls, path: str | Path) -> Journal | None:
+        """The journal at ``path`` when there is one, else None: creates no directory and no
+        journal, for commands that only read."""
+        return cls(path) if Path(path).is_file() else None
+
     def close(self) -> None:
         """Close the connection."""
         with self._lock:
@@ -256,6 +262,13 @@ class Journal:
         if limit:
             sql = f"SELECT * FROM ({sql} DESC LIMIT {int(limit)}) ORDER BY id"
         return [self._record(row) for row in self._query(sql, params)]
+
+    def state_counts(self, backend: str | None = None) -> dict[JobState, int]:
+        """How many jobs are in each state (states without jobs are left out)."""
+        sql = "SELECT state, COUNT(*) FROM jobs"
+        rows = self._query(sql + (" WHERE backend = ? GROUP BY state" if backend else
+                                  " GROUP BY state"), (backend,) if backend else ())
+        return {JobState(state): count for state, count in rows}
 
     def live_states(self, backend: str) -> list[tuple[int, JobState, bool]]:
         """(id, state, cancel requested) of a backend's jobs not yet final, oldest first; a
