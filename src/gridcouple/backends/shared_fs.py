@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from gridcouple.errors import BackendError
 from gridcouple.jobs import Job, JobSpec
@@ -37,11 +37,21 @@ def output_file(spec: JobSpec, home: Path, stream: Stream) -> Path:
     return path if path.is_absolute() else working_directory(spec, home) / path
 
 
+def shares_file_system(backend: Any) -> bool:
+    """Whether a backend's jobs see this machine's files at the same paths (its
+    ``shares_file_system``; False for a backend that does not say)."""
+    return bool(getattr(backend, "shares_file_system", False))
+
+
 class SharedFileSystem:
     """The file operations of a backend whose jobs see its state directory at the same path.
     Mix in before :class:`~gridcouple.backends.base.Backend`."""
 
     state_dir: Path
+    #: The jobs see this machine's files at the same paths, not only the state directory: the
+    #: coupler runs application servers in its own working directory, with its import path.
+    #: A site whose nodes share the state directory alone sets False.
+    shares_file_system: ClassVar[bool] = True
 
     def job_home(self, job_id: int) -> Path:
         """Where a job's stdout, stderr and bookkeeping live: ``state_dir/jobs/ID``."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from gridcouple.cli import BackendOption, ConfigOption, app, open_config
+from gridcouple.cli import BackendOption, ConfigOption, StateDirOption, app, open_config
 from gridcouple.recipes import RECIPES, run_recipe
 
 
@@ -16,11 +16,16 @@ from gridcouple.recipes import RECIPES, run_recipe
 def run(
     recipe: Annotated[str, typer.Argument(help=f"One of: {', '.join(RECIPES)}.", metavar="RECIPE",
                                           show_default=False)],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", metavar="DIR", help="Where the recipe writes its files (thermo-mechanical: "
+        "one VTK file per step; default: thermo-mechanical in the state directory).",
+        show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Show the dask scheduler's INFO lines.")] = False,
     config: ConfigOption = None,
     backend: BackendOption = None,
+    state_dir: StateDirOption = None,
 ) -> None:
     """Run a recipe (a coupled scenario) through the configured backend."""
-    # Quiet the dask scheduler's INFO chatter, here and in the application servers (read by
-    # dask's config when it is first imported).
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    run_recipe(recipe, open_config(config, backend), Console())
+    run_recipe(recipe, open_config(config, backend, state_dir), Console(), out=out,
+               verbose=verbose)

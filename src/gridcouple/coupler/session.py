@@ -37,6 +37,7 @@ import re
 import secrets
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -59,6 +60,7 @@ from gridcouple.appkit.transport import (
 )
 from gridcouple.backends import backend_class, open_backend
 from gridcouple.backends.base import Backend
+from gridcouple.backends.shared_fs import shares_file_system
 from gridcouple.config import Config, CouplerSection, load_config
 from gridcouple.errors import ConfigError, GridcoupleError
 from gridcouple.jobs import Job, JobSpec, JobStatus, Resources
@@ -69,6 +71,8 @@ STDERR_TAIL = 20
 FAILURE_REPORT_WAIT = 3.0  # seconds to wait for the backend to see a lost server end
 STATUS_INTERVAL = 1.0  # least seconds between backend queries while a call waits
 TERMINATE_WAIT = 5.0
+DASK_LOGGERS = ("distributed",)  # quiet below WARNING unless the coupler is verbose
+_MISSING_MODULE = re.compile(r"No module named '([^']+)'")
 
 
 class ApplicationError(GridcoupleError):
@@ -114,10 +118,14 @@ class _Member:
 class Coupler:
     """A coupling session; use it as a context manager (see the module docstring)."""
 
-    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+    def __init__(self, config: Config, backend: Backend | None = None, *,
+                 verbose: bool = False) -> None:
         """``backend``: one already open (it stays open) to use as the default; by default the
-        configured one. Backends are opened when first used and closed on exit."""
+        configured one. Backends are opened when first used and closed on exit. The dask
+        scheduler's INFO lines are shown only when ``verbose``."""
         self.config = config
+        self.verbose = verbose
+        self._logger_levels: dict[str, int] = {}
         self.settings: CouplerSection = config.section("coupler")
         self._default_backend = backend.name if backend else config.backend
         self._backends: dict[str, Backend] = {}
@@ -141,11 +149,12 @@ class Coupler:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, *,
-                    backend: str | None = None) -> Coupler:
+                    backend: str | None = None, verbose: bool = False) -> Coupler:
         """A coupler for the configuration at ``path`` (see :func:`load_config` for the search
         order); ``backend`` overrides the configured backend's name."""
         config = load_config(path)
-        return cls(dataclasses.replace(config, backend=backend) if backend else config)
+        return cls(dataclasses.replace(config, backend=backend) if backend else config,
+                   verbose=verbose)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -234,12 +243,35 @@ class Coupler:
 
     # --- allocating ----------------------------------------------------------------------
 
-    def allocate(self, app: str, *, name: str | None = None,
+    def allocate(self, app: str | AppRequest, *, name: str | None = None,
                  resources: Resources | None = None,
                  environment: Mapping[str, str] | None = None,
                  backend: str | None = None) -> ApplicationProxy:
-        """Start one application server (``package.module:Class``) as a job on ``backend``
-        (default: the configured one); returns its proxy once it has joined."""
+        """Start one application server as a job; returns its proxy once it has joined.
+
+        ``app``: ``"package.module:Class"`` (an :class:`~gridcouple.appkit.application.
+        Application` subclass the server imports), or a whole :class:`AppRequest` (then give
+        no other keyword). ``name``: the application's name in this session (unique; default
+        the class name in lower case, then ``-2``, ``-3`` ...). ``resources``: what its job
+        asks for (default ``Resources()``: one processor). ``environment``: variables added to
+        its job's environment (a ``PYTHONPATH`` given here comes before the one the coupler
+        passes). ``backend``: the name of the backend (a ``[backend.NAME]`` table) that runs
+        it; default the configured one.
+
+        Raises :class:`ApplicationStartError` when the job ends before the server joins, or
+        after ``[coupler] join_timeout`` seconds.
+        """
+        if isinstance(app, AppRequest):
+            given = [key for key, value in (("name", name), ("resources", resources),
+                                            ("environment", environment),
+                                            ("backend", backend)) if value is not None]
+            if given:
+                raise ApplicationError(f"allocate(AppRequest(...)) takes no other keyword; "
+                                       f"put {', '.join(given)} in the AppRequest")
+            return self.allocate_many([app])[0]
+        if not isinstance(app, str):
+            raise ApplicationError(f"allocate: app must be 'package.module:Class' or an "
+                                   f"AppRequest, not {type(app).__name__}")
         request = AppRequest(app, name, resources or Resources(), environment or {}, backend)
         return self.allocate_many([request])[0]
 
@@ -266,6 +298,9 @@ class Coupler:
         return [m.proxy for m in members if m.proxy is not None]
 
     def _new_member(self, request: AppRequest, backend: Backend) -> _Member:
+        if not isinstance(request, AppRequest) or not isinstance(request.app, str):
+            raise ApplicationError(f"allocate_many takes AppRequest('package.module:Class', "
+                                   f"...) items, not {request!r}")
         module, _, cls = request.app.partition(":")
         if not module or not cls:
             raise ApplicationError(f"application {request.app!r}: use package.module:Class")
@@ -295,11 +330,20 @@ class Coupler:
             "GRIDCOUPLE_FIELD_STORE": f"{self._field_store_root(member.backend)}/{member.name}",
             SCHEDULER_TLS_ENV: json.dumps(self._scheduler_client_kwargs),
             **({TLS_ENV: json.dumps(self.security_kwargs)} if self.security_kwargs else {}),
+            **({} if self.verbose else {"DASK_LOGGING__DISTRIBUTED": "warning"}),
             **request.environment,
         }
+        directory = None
+        if shares_file_system(member.backend):
+            # Like sbatch: the server runs where the coupler runs, and imports what it can.
+            directory = os.getcwd()
+            path = [*_split_path(request.environment.get("PYTHONPATH", "")),
+                    *user_import_path()]
+            environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         return JobSpec(argv=(member.backend.python, "-m", "gridcouple.appkit.server",
                              "--app", request.app, "--name", member.name, "--host", host),
-                       name=member.name, environment=environment, resources=request.resources)
+                       name=member.name, environment=environment, resources=request.resources,
+                       directory=directory)
 
     def _wait_joined(self, members: Sequence[_Member]) -> None:
         deadline = time.monotonic() + self.settings.join_timeout
@@ -313,7 +357,8 @@ class Coupler:
             for member, status in zip(waiting, statuses, strict=True):
                 if status.state.is_final and not member.joined.is_set():
                     raise ApplicationStartError(self._describe(
-                        member, status, "ended before it joined the coupler"))
+                        member, status, "ended before it joined the coupler")
+                        + self._import_hint(member))
             if time.monotonic() > deadline:
                 member = waiting[0]
                 raise ApplicationStartError(self._describe(
@@ -376,6 +421,25 @@ class Coupler:
             tail = member.backend.stderr_tail(member.job, STDERR_TAIL).rstrip()
             text += ("; last lines of its stderr:\n" + tail) if tail else "; its stderr is empty"
         return text
+
+    def _import_hint(self, member: _Member) -> str:
+        """What to set when the server could not import the application's module."""
+        if member.job is None:
+            return ""
+        found = _MISSING_MODULE.search(member.backend.stderr_tail(member.job, STDERR_TAIL))
+        if not found:
+            return ""
+        module, backend = found.group(1), member.backend
+        if shares_file_system(backend):
+            passed = member.job.spec.environment.get("PYTHONPATH", "")
+            return (f"\nThe server ran in {member.job.spec.directory} with PYTHONPATH={passed}; "
+                    f"none of these holds {module!r}. Pass the directory that holds it: "
+                    f"allocate(..., environment={{'PYTHONPATH': 'DIR'}}), or install it for "
+                    f"{backend.python}.")
+        return (f"\nThe {backend.name} backend's jobs do not see this machine's files, so the "
+                f"coupler passes no import path. Install {module!r} for {backend.python} on "
+                f"its hosts, or pass where it is there: allocate(..., environment="
+                f"{{'PYTHONPATH': 'DIR'}}) (or AppRequest(..., environment=...)).")
 
     # --- ending ----------------------------------------------------------------------------
 
@@ -462,9 +526,27 @@ class Coupler:
 
     # --- the dask scheduler ------------------------------------------------------------
 
+    def _quiet_dask(self) -> None:
+        """Show dask's WARNING and worse only (its INFO lines name a dashboard that is not
+        served); the levels come back in :meth:`close`. Nothing changes when verbose."""
+        if self.verbose:
+            return
+        for name in DASK_LOGGERS:
+            logger = logging.getLogger(name)
+            self._logger_levels.setdefault(name, logger.level)
+            if logger.getEffectiveLevel() < logging.WARNING:
+                logger.setLevel(logging.WARNING)
+
+    def _restore_dask_logging(self) -> None:
+        for name, level in self._logger_levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._logger_levels.clear()
+
     def _start_scheduler(self) -> None:
         import dask
         from distributed import Scheduler
+
+        self._quiet_dask()
 
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="dask-scheduler", daemon=True).start()
@@ -527,6 +609,7 @@ class Coupler:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(scheduler.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
+        self._restore_dask_logging()
 
     # --- settings ----------------------------------------------------------------------
 
@@ -576,6 +659,52 @@ def _refuse_simulated(name: str, cls: type[Backend]) -> None:
         raise ApplicationError(f"backend {name!r} is simulated ({cls.kind}): it predicts "
                                "schedules and cannot host application servers; choose a "
                                "backend that runs jobs (local, slurm, ...)")
+
+
+def user_import_path() -> list[str]:
+    """The directories of this process's import path that its interpreter does not bring by
+    itself: the script's directory, ``$PYTHONPATH`` and what the program added; not the
+    standard library, site-packages or what their ``.pth`` files add. An application server
+    on a backend that shares this machine's files gets them, so it imports what the coupler
+    imports."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                               sys.base_exec_prefix)}
+    from_pth = _pth_directories()
+    found = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if not os.path.isdir(path) or path in from_pth:
+            continue
+        if any(path == p or path.startswith(p + os.sep) for p in prefixes):
+            continue
+        if {"site-packages", "dist-packages"} & set(path.split(os.sep)):
+            continue
+        found.append(path)
+    return list(dict.fromkeys(found))
+
+
+def _pth_directories() -> set[str]:
+    """The directories the ``.pth`` files of the site directories put on the path."""
+    import site
+
+    directories = set()
+    sites = [*site.getsitepackages(), site.getusersitepackages()]
+    for base in sites:
+        with contextlib.suppress(OSError):
+            for name in os.listdir(base):
+                if not name.endswith(".pth"):
+                    continue
+                with contextlib.suppress(OSError, UnicodeDecodeError), \
+                        open(os.path.join(base, name), encoding="utf-8") as lines:
+                    for line in lines:
+                        line = line.strip()
+                        if line and not line.startswith(("#", "import ", "import\t")):
+                            directories.add(os.path.realpath(os.path.join(base, line)))
+    return directories
+
+
+def _split_path(value: str) -> list[str]:
+    return [p for p in value.split(os.pathsep) if p]
 
 
 def _quietly_terminate(member: _Member) -> None:

@@ -1,12 +1,15 @@
-"""Runnable scenarios. Each recipe is a module with ``main(config, console) -> None``.
+"""Runnable scenarios. Each recipe is a module with ``main(config, console, **options)``.
 
 ``gridcouple run NAME`` looks the name up in :data:`RECIPES`; a new recipe adds one line here.
+The options a recipe's ``main`` may take: ``verbose`` (show the dask scheduler's INFO lines)
+and ``out`` (the directory for the files it writes); :func:`run_recipe` passes those it takes.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+import inspect
+from typing import Any, Protocol
 
 from rich.console import Console
 
@@ -23,7 +26,7 @@ RECIPES: dict[str, str] = {
 class Recipe(Protocol):
     """What a recipe module provides."""
 
-    def main(self, config: Config, console: Console) -> None: ...
+    def main(self, config: Config, console: Console, **options: Any) -> None: ...
 
 
 def load_recipe(name: str) -> Recipe:
@@ -33,6 +36,20 @@ def load_recipe(name: str) -> Recipe:
     return importlib.import_module(RECIPES[name])  # type: ignore[return-value]
 
 
-def run_recipe(name: str, config: Config, console: Console) -> None:
-    """Run the recipe ``name`` with ``config``, reporting progress on ``console``."""
-    load_recipe(name).main(config, console)
+def recipe_options(name: str) -> set[str]:
+    """The keyword options the recipe ``name`` takes (e.g. ``{"out", "verbose"}``)."""
+    parameters = inspect.signature(load_recipe(name).main).parameters
+    return {p.name for p in parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def run_recipe(name: str, config: Config, console: Console, **options: Any) -> None:
+    """Run the recipe ``name`` with ``config``, reporting progress on ``console``. An option
+    whose value is None is left to the recipe's default; one the recipe does not take is
+    dropped when false (``verbose=False``), else refused."""
+    takes = recipe_options(name)
+    given = {key: value for key, value in options.items() if value is not None}
+    refused = [key for key, value in given.items() if key not in takes and value]
+    if refused:
+        raise GridcoupleError(f"recipe {name!r} takes no {', '.join(refused)} option; it "
+                              f"takes: {', '.join(sorted(takes)) or 'none'}")
+    load_recipe(name).main(config, console, **{k: v for k, v in given.items() if k in takes})

@@ -136,11 +136,14 @@ def _cumulative_trapezoid(values: np.ndarray, spacing: float, axis: int) -> np.n
     return np.moveaxis(integral, 0, axis)
 
 
-def main(config: Config, console: Console) -> None:
-    """Run the scenario through the configured backend; VTK files go below the state
-    directory."""
-    output = config.state_dir / "thermo-mechanical"
-    with Coupler(config) as coupler:
+def main(config: Config, console: Console, *, out: Path | None = None,
+         verbose: bool = False) -> None:
+    """Run the scenario through the configured backend. One VTK file per step goes to
+    ``out`` (default: ``thermo-mechanical`` in the state directory); ``verbose`` shows the
+    dask scheduler's INFO lines."""
+    output = (Path(out).expanduser() if out is not None
+              else config.state_dir / "thermo-mechanical").absolute()
+    with Coupler(config, verbose=verbose) as coupler:
         console.print(f"starting the heat and expansion solvers on the {config.backend} "
                       "backend")
         heat, mechanics = coupler.allocate_many([

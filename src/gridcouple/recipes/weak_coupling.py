@@ -58,9 +58,10 @@ class RunningAverage(Application):
         return 1.0
 
 
-def main(config: Config, console: Console) -> None:
-    """Run the scenario through the configured backend, printing one line per step."""
-    with Coupler(config) as coupler:
+def main(config: Config, console: Console, *, verbose: bool = False) -> None:
+    """Run the scenario through the configured backend, printing one line per step
+    (``verbose``: with the dask scheduler's INFO lines)."""
+    with Coupler(config, verbose=verbose) as coupler:
         console.print(f"starting two application servers on the {config.backend} backend")
         app1, app2 = coupler.allocate_many([
             AppRequest(f"{__name__}:Concentration", name="concentration"),
