@@ -326,7 +326,9 @@ class JobManager:
         """A job's working directory (its home), if the job is the user's."""
         if job_id not in self._jobs(user, [job_id]):
             raise Refused(404, f"no job {job_id} of yours")
-        return self.queue.job_home(job_id)
+        home = self.queue.job_home(job_id)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)  # files may come before the job
+        return home
 
     def tail(self, user: str, job_id: int, stream: str, lines: int) -> str:
         """The last ``lines`` lines (at most 1 MiB) a job wrote to stdout or stderr."""

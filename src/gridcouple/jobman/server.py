@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -309,6 +310,9 @@ def _confined(operation: Callable[..., T], *args: Any) -> T:
         raise Refused(404, str(exc)) from None
     except IsADirectoryError:
         raise Refused(400, "that is a directory") from None
+    except OSError as exc:  # the job changed its files meanwhile, or the disk is full
+        status = 507 if exc.errno == errno.ENOSPC else 409
+        raise Refused(status, f"cannot: {exc.strerror or exc}") from None
 
 
 class FileTransfer(Handler):

@@ -56,8 +56,9 @@ class JobManagerSection:
         if not 0 <= self.port <= 65535:
             raise OptionError("port", f"must be 0-65535, got {self.port}")
         if (self.tls_cert is None) != (self.tls_key is None):
-            missing = "tls_key" if self.tls_key is None else "tls_cert"
-            raise OptionError(missing, "TLS needs both tls_cert and tls_key")
+            given, missing = (("tls_cert", "tls_key") if self.tls_key is None
+                              else ("tls_key", "tls_cert"))
+            raise OptionError(given, f"TLS needs both tls_cert and tls_key; set {missing} too")
         if self.tls_cert is None and not is_loopback_host(self.host):
             raise OptionError("host", f"listening on {self.host!r} (beyond loopback) needs TLS: "
                               "set tls_cert and tls_key")

@@ -1,0 +1,251 @@
+"""Support for the job manager tests (no tests here): real ``gridcouple jobman serve``
+processes on loopback, each with its own port, work root and tokens, and a raw HTTP client
+for requests our own client would never send.
+
+Import it from a test module (tests/ is on sys.path, as for conftest)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gridcouple.jobman.client import JobManagerClient
+from gridcouple.jobman.tokens import TokenStore
+
+GRIDCOUPLE = str(Path(sys.executable).with_name("gridcouple"))
+START_TIMEOUT = 20.0
+
+
+def toml_table(name: str, values: dict[str, Any]) -> str:
+    """A TOML table of strings, numbers, booleans and lists of strings (JSON spells them the
+    same way)."""
+    lines = [f"{key} = {json.dumps(str(v) if isinstance(v, Path) else v)}\n"
+             for key, v in values.items()]
+    return f"[{name}]\n" + "".join(lines)
+
+
+def make_certificate(directory: Path, *addresses: str) -> tuple[Path, Path]:
+    """A self-signed EC certificate (its own CA) for 127.0.0.1, localhost and ``addresses``;
+    returns (certificate, key)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate")
+    names = ",".join(["IP:127.0.0.1", "DNS:localhost", *(f"IP:{a}" for a in addresses)])
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-keyout", str(key),
+                    "-out", str(cert), "-subj", "/CN=gridcouple-jobman-test",
+                    "-addext", f"subjectAltName={names}"], check=True, capture_output=True)
+    key.chmod(0o600)
+    return cert, key
+
+
+@dataclass
+class JobManagerProcess:
+    """One running job manager."""
+
+    process: subprocess.Popen[str]
+    url: str
+    config: Path
+    work_root: Path
+    tokens: dict[str, str]  # user -> token
+    token_files: dict[str, Path]
+    ca_file: Path | None
+    log: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def token(self) -> str:
+        return self.tokens["alice"]
+
+    def client(self, user: str = "alice", timeout: float = 10.0) -> JobManagerClient:
+        return JobManagerClient(self.url, self.tokens[user], ca_file=self.ca_file,
+                                timeout=timeout)
+
+    def raw(self, timeout: float = 10.0) -> http.client.HTTPConnection:
+        """A plain http.client connection, to send anything."""
+        if self.url.startswith("https"):
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                               context=context)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, *, user: str | None = "alice",
+                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        """One request on a new connection; returns (status, parsed JSON or bytes)."""
+        connection = self.raw()
+        try:
+            sent = dict(headers or {})
+            if user is not None:
+                sent.setdefault("Authorization", f"Bearer {self.tokens[user]}")
+            if body is not None and not isinstance(body, bytes):
+                body = json.dumps(body).encode()
+            connection.request(method, path, body=body, headers=sent)
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        with contextlib.suppress(ValueError):
+            return response.status, json.loads(data)
+        return response.status, data
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, as an administrator would (running jobs go on)."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL: nothing gets to clean up."""
+        self.process.kill()
+        self.process.wait(5)
+
+    def restart(self) -> JobManagerProcess:
+        """Start the same configuration again, on the same port (clients reconnect)."""
+        text = self.config.read_text()
+        self.config.write_text(text.replace("port = 0\n", f"port = {self.port}\n"))
+        again = launch(self.config, self.work_root, self.tokens, self.token_files,
+                       self.ca_file, self.log)
+        self.process, self.url = again.process, again.url
+        return self
+
+    def cleanup(self) -> None:
+        """Stop the server, cancel what still runs, stop its queue's daemon."""
+        self.stop()
+        subprocess.run([GRIDCOUPLE, "jobman", "stop", "--config", str(self.config),
+                        "--cancel-jobs"], capture_output=True, timeout=60)
+
+
+def launch(config: Path, work_root: Path, tokens: dict[str, str], token_files: dict[str, Path],
+           ca_file: Path | None, log: Path, env: dict[str, str] | None = None) -> JobManagerProcess:
+    """Start ``gridcouple jobman serve`` and wait for its announcement line."""
+    with open(log, "a") as err:
+        process = subprocess.Popen([GRIDCOUPLE, "jobman", "serve", "--config", str(config)],
+                                   stdout=subprocess.PIPE, stderr=err, text=True,
+                                   env=env or os.environ.copy(), start_new_session=True)
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+    line = process.stdout.readline() if ready else ""
+    if not line:
+        process.kill()
+        process.wait(5)
+        raise RuntimeError(f"the job manager did not start: {log.read_text()[-2000:]}")
+    return JobManagerProcess(process, json.loads(line)["url"], config, work_root, tokens,
+                             token_files, ca_file, log)
+
+
+def start_jobman(directory: Path, *, users: tuple[str, ...] = ("alice", "bob"), tls: bool = False,
+                 **settings: Any) -> JobManagerProcess:
+    """A job manager on 127.0.0.1 (any free port) with a fresh work root below ``directory``,
+    tokens for ``users``, and ``settings`` for its [jobmanager] table."""
+    directory.mkdir(parents=True, exist_ok=True)
+    work_root = directory / "work"
+    values: dict[str, Any] = {"port": 0, "work_root": work_root, "max_jobs": 2,
+                              "commands": ["sh", "sleep", "true", "cat"],
+                              "apps": ["gridcouple.recipes.*"], "grace_period": 1.0}
+    ca_file = None
+    if tls:
+        cert, key = make_certificate(directory)
+        values.update(tls_cert=cert, tls_key=key)
+        ca_file = cert
+    values.update(settings)
+    config = directory / "jobman.toml"
+    config.write_text(toml_table("jobmanager", values))
+    store = TokenStore(work_root / "tokens.json")
+    tokens, token_files = {}, {}
+    for user in users:
+        tokens[user] = store.add(user)
+        token_files[user] = directory / f"{user}.token"
+        token_files[user].write_text(tokens[user] + "\n")
+        token_files[user].chmod(0o600)
+    return launch(config, work_root, tokens, token_files, ca_file, directory / "jobman.log")
+
+
+@contextlib.contextmanager
+def running_jobman(directory: Path, **settings: Any) -> Iterator[JobManagerProcess]:
+    """start_jobman, cleaned up afterwards."""
+    jobman = start_jobman(directory, **settings)
+    try:
+        yield jobman
+    finally:
+        jobman.cleanup()
+
+
+def wait_for(condition: Any, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll ``condition()`` until it is truthy; its value, or AssertionError at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {condition}")
+        time.sleep(interval)
+
+
+def assert_refused(answer: tuple[int, Any], status: int, *words: str) -> str:
+    """A refusal is one JSON object with a clear error; returns the message."""
+    code, body = answer
+    assert code == status, answer
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    message = body["error"]
+    assert isinstance(message, str) and len(message) > 10, body
+    for word in words:
+        assert word in message, (word, message)
+    return message
+
+
+def closes_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the peer closes ``sock`` within ``seconds`` (reading what it sends)."""
+    sock.settimeout(0.2)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def job_states(jobman: JobManagerProcess, ids: list[int], user: str = "alice") -> list[str]:
+    code, body = jobman.request("POST", "/api/v1/jobs/status", {"ids": ids}, user=user)
+    assert code == 200, body
+    return [j.get("state", "unknown") for j in body["jobs"]]
+
+
+def wait_states(jobman: JobManagerProcess, ids: list[int], wanted: set[str],
+                timeout: float = 20.0) -> list[str]:
+    return wait_for(lambda: (lambda s: s if set(s) <= wanted else None)(
+        job_states(jobman, ids)), timeout)
