@@ -199,7 +199,9 @@ def test_simulate_command_compares_policies(tmp_path):
     for policy, waits in (("fcfs", [0, 9, 13, 12, 11]), ("easy", [0, 9, 0, 12, 1])):
         assert read_swf(tmp_path / f"s-{policy}.swf").records[:, COLUMN["wait_time"]].tolist() \
             == waits
-        assert (tmp_path / f"s-{policy}.png").read_bytes()[:4] == b"\x89PNG"
+    # one picture compares the policies, under the name given (issue 15)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.glob("s*.png")) == ["s.png"]
 
 
 def test_simulate_command_rejects_a_bad_choice(trace_file, tmp_path):

@@ -44,6 +44,8 @@ def write_vtk(path: str | os.PathLike[str], fields: Sequence[Field], *,
     """Write ``fields`` (on one mesh) to a legacy ASCII VTK file; returns the path.
 
     ASCII because pyvtk's binary VECTORS sections lack the line end other readers expect.
+    Values and points are single precision, as the sections' ``float`` type says: each
+    number is written with the fewest digits that give back its float32 value.
     """
     if not fields:
         raise ValueError("write_vtk needs at least one field")
@@ -78,7 +80,7 @@ def _dataset(mesh: Mesh, *, with_cells: bool) -> Any:
     points[:, : mesh.dimension] = mesh.vertices
     cells = {name: mesh.cells[name].tolist() for name in _PYVTK_CELL_ORDER
              if name in mesh.cells}
-    return pyvtk.UnstructuredGrid(points.tolist(), **cells)
+    return pyvtk.UnstructuredGrid(_single(points), **cells)
 
 
 def _cells_of(mesh: StructuredMesh) -> UnstructuredMesh:
@@ -128,17 +130,26 @@ def _vtk_order(field: Field, mesh: Mesh) -> np.ndarray:
     return np.concatenate(order) if order else values
 
 
+def _single(values: np.ndarray) -> list[Any]:
+    """Nested lists of float32 numbers: pyvtk writes each as ``str()`` does, and numpy's
+    ``str`` of a float32 is its shortest exact form (``0.1``, not ``0.10000000149011612``)."""
+    single = np.asarray(values, dtype=np.float32)
+    if single.ndim == 1:
+        return list(single)
+    return [_single(part) for part in single]
+
+
 def _attribute(field: Field, mesh: Mesh) -> Any:
     values = _vtk_order(field, mesh).astype(np.float64)
     kind: Literal["scalar", "vector", "tensor"] = field.value_type  # type: ignore[assignment]
     if kind == "scalar":
-        return pyvtk.Scalars(values.reshape(-1).tolist(), name=field.field_id,
+        return pyvtk.Scalars(_single(values.reshape(-1)), name=field.field_id,
                              lookup_table="default")
     if kind == "vector":
         padded = np.zeros((len(values), 3))
         padded[:, : values.shape[1]] = values
-        return pyvtk.Vectors(padded.tolist(), name=field.field_id)
+        return pyvtk.Vectors(_single(padded), name=field.field_id)
     padded = np.zeros((len(values), 3, 3))
     size = values.shape[1]
     padded[:, :size, :size] = values
-    return pyvtk.Tensors(padded.tolist(), name=field.field_id)
+    return pyvtk.Tensors(_single(padded), name=field.field_id)

@@ -6,21 +6,26 @@ when the command runs, so every other command works without them.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gridcouple.cli import app
 from gridcouple.errors import ConfigError
 from gridcouple.scheduler import DEFAULT_TAU
-from gridcouple.scheduler.engine import simulate as simulate_jobs
-from gridcouple.scheduler.policies import make_policy
+from gridcouple.scheduler.engine import Machine, SimulationError, Simulator
+from gridcouple.scheduler.policies import Policy, make_policy
 
 console = Console()
+progress_console = Console(stderr=True)
+PROGRESS_STEPS = 50  # the simulated time of a policy's run is shown in this many steps
 
 
 def per_policy(path: Path, policy: str, several: bool) -> Path:
@@ -47,8 +52,8 @@ def simulate(
         help="Write the simulated schedule as SWF (NAME-POLICY.swf for several).",
         show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option(
-        help="Draw a Gantt chart and utilization/queue as PNG (NAME-POLICY.png for several).",
-        show_default=False)] = None,
+        help="Draw one PNG comparing the policies: processors over time for each, "
+        "utilization and queue length, and their metrics.", show_default=False)] = None,
     kill_at_estimate: Annotated[bool, typer.Option(
         "--kill-at-estimate/--let-run",
         help="Kill a job at its requested time, or let it run as the trace records.")] = False,
@@ -76,7 +81,7 @@ def simulate(
         )
 
         if plot:
-            from gridcouple.scheduler.plots import plot_schedule
+            from gridcouple.scheduler.plots import plot_schedules
     except ImportError as exc:
         raise ConfigError(f"gridcouple simulate cannot run: {exc} (install "
                           "gridcouple[simulate])") from None
@@ -106,11 +111,16 @@ def simulate(
     table.add_column("metric")
     columns: list[list[str]] = []
     several = len(policy) > 1
-    for name, chosen in policies:
+    labels: list[str] = []
+    runs: list[tuple[str, Simulator]] = []
+    for number, (name, chosen) in enumerate(policies, start=1):
         began = time.perf_counter()
-        simulator = simulate_jobs(replay.jobs, chosen, replay.procs,
-                                  kill_at_limit=kill_at_estimate)
-        seconds = time.perf_counter() - began
+        simulator = _run_policy(replay.jobs, chosen, replay.procs, kill_at_estimate,
+                                f"policy {name} ({number}/{len(policies)})")
+        seconds = max(time.perf_counter() - began, 1e-9)
+        console.print(f"{name}: {len(replay.jobs):,} jobs simulated in {seconds:.2f} s",
+                      markup=False, highlight=False)
+        runs.append((name, simulator))
         metrics = simulator_metrics(simulator, tau)
         table.add_column(name, justify="right")
         columns.append([value for _, value in metrics.rows()] +
@@ -121,13 +131,51 @@ def simulate(
                       ("MaxProcs", str(replay.procs)), ("MaxJobs", str(len(replay.jobs))),
                       ("MaxRecords", str(len(replay.jobs))),
                       ("Note", f"replay of {trace.name}")]
-            write_swf(per_policy(out, name, several), schedule_records(replay, simulator),
-                      header)
-        if plot:
-            plot_schedule(simulator, per_policy(plot, name, several), f"{trace.name}: {name}")
+            records = schedule_records(replay, simulator) if replay.jobs \
+                else replay.trace.records[:0]
+            target = per_policy(out, name, several)
+            write_swf(target, records, header)
+            console.print(f"wrote {target}", markup=False, highlight=False)
+    if plot:
+        with _drawing(plot):
+            plot_schedules(runs, plot, f"{trace.name}: {len(replay.jobs):,} jobs on "
+                           f"{replay.procs:,} processors", tau)
+        console.print(f"wrote {plot}", markup=False, highlight=False)
     for index, label in enumerate(labels):
         table.add_row(label, *(column[index] for column in columns))
     console.print(table)
+
+
+@contextlib.contextmanager
+def _drawing(path: Path) -> Iterator[None]:
+    """A spinner on stderr while the picture is drawn, on a terminal only."""
+    if not progress_console.is_terminal:
+        yield
+        return
+    with progress_console.status(f"drawing {path}"):
+        yield
+
+
+def _run_policy(jobs: list[Any], policy: Policy, procs: int, kill_at_limit: bool,
+                description: str) -> Simulator:
+    """Run the jobs under ``policy`` to the end, with a progress bar over simulated time
+    (on stderr, while it runs)."""
+    simulator = Simulator(Machine.processors(procs), policy, kill_at_limit=kill_at_limit)
+    simulator.add(jobs)
+    first, last = (jobs[0].submit, jobs[-1].submit) if jobs else (0.0, 0.0)
+    with Progress(TextColumn(description), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}% of the submissions"),
+                  TimeElapsedColumn(), console=progress_console, transient=True,
+                  disable=not progress_console.is_terminal) as progress:
+        task = progress.add_task(description, total=PROGRESS_STEPS)
+        for step in range(1, PROGRESS_STEPS + 1):
+            simulator.run(first + (last - first) * step / PROGRESS_STEPS)
+            progress.update(task, completed=step)
+        simulator.run()
+    if simulator.stranded():
+        raise SimulationError(f"policy {simulator.policy.name} left {simulator.stranded()} "
+                              "jobs waiting with nothing left to happen")
+    return simulator
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> Any:

@@ -169,4 +169,5 @@ def main(config: Config, console: Console, *, out: Path | None = None,
                 advance(tstep)
         files = mechanics.vtk_files()
     console.print(table)
-    console.print(f"{len(files)} VTK files in {output}")
+    console.print(f"{len(files)} VTK files in {output}", soft_wrap=True, markup=False,
+                  highlight=False)

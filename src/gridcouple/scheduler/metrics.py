@@ -56,6 +56,8 @@ def step_count(up: np.ndarray, down: np.ndarray,
     """A count over time that rises by ``weight`` at each ``up`` time and falls at ``down``:
     returns the times where it changes and its value from each of them on."""
     weight = np.ones(len(up)) if weight is None else np.asarray(weight, dtype=float)
+    if len(up) == 0:  # no jobs: a count that never changes
+        return np.empty(0), np.empty(0)
     times = np.concatenate([up, down])
     delta = np.concatenate([weight, -weight])
     order = np.argsort(times, kind="stable")
@@ -73,6 +75,27 @@ def busy_processors(start: np.ndarray, end: np.ndarray,
                     procs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The number of busy processors over time (a step function)."""
     return step_count(start, end, procs)
+
+
+def window_average(times: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The time-weighted mean of a step function (``values[k]`` from ``times[k]`` on, 0
+    before the first) over each window ``[edges[i], edges[i + 1])``: a curve smoothed over
+    the windows, one value per window."""
+    times, values = np.asarray(times, dtype=float), np.asarray(values, dtype=float)
+    edges = np.asarray(edges, dtype=float)
+    if len(times) == 0:
+        return np.zeros(max(len(edges) - 1, 0))
+    area = np.concatenate([[0.0], np.cumsum(values[:-1] * np.diff(times))])
+
+    def integral(x: np.ndarray) -> np.ndarray:  # of the step function up to each x
+        k = np.searchsorted(times, x, side="right") - 1
+        inside = k >= 0
+        k = np.maximum(k, 0)
+        return np.where(inside, area[k] + values[k] * (x - times[k]), 0.0)
+
+    widths = np.diff(edges)
+    return np.divide(np.diff(integral(edges)), widths, out=np.zeros(len(widths)),
+                     where=widths > 0)
 
 
 def time_average(times: np.ndarray, values: np.ndarray, until: float) -> float:
