@@ -130,6 +130,36 @@ def test_status_watch_follows_given_jobs_until_they_end(cli):
 # --- issue 15: the habits of sbatch, condor_q and submitit --------------------------------
 
 
+@pytest.fixture
+def quick(tmp_path, monkeypatch):
+    """As ``cli``, but each command runs in this process (no interpreter start per command);
+    a GridcoupleError ends it as ``main`` ends it: one line on stderr, exit 2."""
+    from typer.testing import CliRunner
+
+    from gridcouple.cli import app, jobs, run, simulate  # noqa: F401  (registers them)
+    from gridcouple.errors import GridcoupleError
+
+    config = tmp_path / "gridcouple.toml"
+    config.write_text('state_dir = "state"\n[backend.local]\nslots = 2\ngrace_period = 1\n'
+                      'idle_exit = 5\n')
+    monkeypatch.setenv("GRIDCOUPLE_CONFIG", str(config))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("GRIDCOUPLE_BACKEND", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def invoke(*args: str) -> subprocess.CompletedProcess[str]:
+        result = CliRunner().invoke(app, list(args))
+        if isinstance(result.exception, GridcoupleError):
+            return subprocess.CompletedProcess(
+                args, 2, result.stdout, f"{result.stderr}gridcouple: error: {result.exception}\n")
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception  # a crash, not an exit code
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+    yield invoke
+    LocalBackend(state_dir=tmp_path / "state").stop_daemon()
+
+
 def user_env(tmp_path: Path) -> dict[str, str]:
     """No config file: the per-user state directory below ``tmp_path/xdg``."""
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "xdg")}
@@ -200,61 +230,63 @@ def test_wait_prints_each_job_as_it_ends(cli, tmp_path):
     assert rest == "job 2: COMPLETED\n2/2 done: 2 COMPLETED\n"
 
 
-def test_cancel_hold_and_release_say_what_did_not_apply(cli):
-    cli("submit", "--wait", "--", "true")
-    ended = cli("cancel", "1")
+def test_cancel_hold_and_release_say_what_did_not_apply(quick):
+    quick("submit", "--wait", "--", "true")
+    ended = quick("cancel", "1")
     assert ended.returncode == 4
     assert ended.stderr == "job 1 had already ended: COMPLETED\n" and ended.stdout == ""
-    cli("submit", "-J", "big", "-c", "2", "--", "sleep", "60")
-    cli("submit", "-J", "small", "--", "sleep", "60")  # waits: job 2 has both slots
-    held = cli("hold", "2", "3")
+    quick("submit", "-J", "big", "-c", "2", "--", "sleep", "60")
+    quick("submit", "-J", "small", "--", "sleep", "60")  # waits: job 2 has both slots
+    held = quick("hold", "2", "3")
     assert held.returncode == 4 and held.stdout == "Held job 3 (local 3)\n"
     assert "job 2 was not held: ACTIVE" in held.stderr
-    assert "HELD" in cli("status", "3").stdout
-    not_started = cli("logs", "3")
+    assert "HELD" in quick("status", "3").stdout
+    not_started = quick("logs", "3")
     assert (not_started.returncode, not_started.stdout) == (0, "")
     assert not_started.stderr.startswith("job 3 has not started yet: HELD")
-    released = cli("release", "3")
+    released = quick("release", "3")
     assert released.returncode == 0 and released.stdout == "Released job 3 (local 3)\n"
-    canceled = cli("cancel", "2-3")
+    canceled = quick("cancel", "2-3")
     assert canceled.returncode == 0
     assert canceled.stdout == "Canceled job 2 (local 2)\nCanceled job 3 (local 3)\n"
 
 
-def test_json_for_scripts_and_the_array_in_one_line(cli):
+def test_json_for_scripts_and_the_array_in_one_line(quick):
     import json
 
-    submitted = cli("submit", "--json", "-a", "0-2", "-J", "sweep", "--", "true")
+    submitted = quick("submit", "--json", "-a", "0-2", "--", "python3", "-c", "pass")
     listing = json.loads(submitted.stdout)
     assert [j["id"] for j in listing["jobs"]] == [1, 2, 3]
-    assert {j["name"] for j in listing["jobs"]} == {"sweep"}
-    cli("wait", "1-3")
-    jobs = json.loads(cli("status", "--json", "--all").stdout)
+    assert {j["name"] for j in listing["jobs"]} == {"python3"}  # named after the program
+    named = json.loads(quick("submit", "--json", "--", "sh", "run.sh").stdout)
+    assert named["jobs"][0]["name"] == "run.sh"  # after the script, as sbatch does
+    quick("wait", "1-3")
+    jobs = json.loads(quick("status", "--json", "1-3").stdout)
     assert [(j["id"], j["state"], j["exit_code"]) for j in jobs] == [
         (1, "COMPLETED", 0), (2, "COMPLETED", 0), (3, "COMPLETED", 0)]
 
 
-def test_time_errors_say_a_plain_number_is_minutes(cli):
-    result = cli("submit", "-t", "5x", "--", "true")
+def test_time_errors_say_a_plain_number_is_minutes(quick):
+    result = quick("submit", "-t", "5x", "--", "true")
     assert result.returncode == 2
     assert "a plain number is minutes" in " ".join(result.stderr.split())
 
 
-def test_output_files_take_sbatch_patterns(cli, tmp_path):
-    result = cli("submit", "-W", "-a", "2", "-J", "out", "-o", "%x-%a.txt", "--",
+def test_output_files_take_sbatch_patterns(quick, tmp_path):
+    result = quick("submit", "-W", "-a", "2", "-J", "out", "-o", "%x-%a.txt", "--",
                  "sh", "-c", "echo $GRIDCOUPLE_ARRAY_INDEX")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out-0.txt").read_text() == "0\n"
-    assert cli("logs", "2").stdout == "1\n"  # logs reads the file the job wrote
-    refused = cli("submit", "-o", "slurm-%j.out", "--", "true")
+    assert quick("logs", "2").stdout == "1\n"  # logs reads the file the job wrote
+    refused = quick("submit", "-o", "slurm-%j.out", "--", "true")
     assert refused.returncode == 2 and "%j is not known before" in refused.stderr
 
 
-def test_config_check_reports_every_error_with_its_line(cli, tmp_path):
+def test_config_check_reports_every_error_with_its_line(quick, tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("[bakend.local]\nslots = 2\n[backend.local]\nslots = 'x'\npolcy = 'fcfs'\n"
                       "[coupler]\njoin_timeout = -1\n")
-    result = cli("config", "check", "--config", str(broken))
+    result = quick("config", "check", "--config", str(broken))
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"gridcouple: error: {broken}:1: bakend: unknown key 'bakend'")

@@ -111,7 +111,7 @@ def parse_ids(values: Iterable[str]) -> list[int]:
 
 
 IdsArgument = Annotated[list[str], typer.Argument(
-    metavar="ID...", help="Job ids: 7, a range 2-11, or a list 3,5.", show_default=False)]
+    metavar="ID", help="Job ids: 7, a range 2-11, or a list 3,5.", show_default=False)]
 
 
 class _Session:
@@ -243,32 +243,41 @@ def output_pattern(pattern: str | None, option: str, index: int | None,
     return re.sub(r"%(.?)", expand, pattern)
 
 
+INTERPRETER = re.compile(r"(python|pypy|sh|bash|zsh|perl|ruby|node|julia|Rscript)[0-9.]*")
+
+
 def default_name(command: Sequence[str]) -> str:
-    """The job's name when none is given: the program's file name, as sbatch uses the
-    script's."""
-    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(command[0]).name)[:64] if command else ""
-    return name or "job"
+    """The job's name when none is given: the script's file name, as sbatch names a job after
+    its script (``python sweep.py``: ``sweep.py``), else the program's."""
+    if not command:
+        return "job"
+    program = command[0]
+    if INTERPRETER.fullmatch(Path(program).name) and len(command) > 1 \
+            and not command[1].startswith("-"):
+        program = command[1]
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(program).name)[:64] or "job"
 
 
-SUBMIT_HELP = f"""Submit COMMAND as one job, or as an array of jobs, to the configured backend.
-
-The job runs in the current directory (-D chooses another), with this shell's environment
-plus --env, like sbatch. Its stdout and stderr are kept in its home below the state
-directory (gridcouple logs ID shows them) unless -o/-e name files: relative to the job's
-directory, with %a for the array index and %x for the job name. Array jobs see
-${ARRAY_INDEX_ENV}.
-"""
+SUBMIT_HELP = (
+    "Submit COMMAND as one job, or as an array of jobs, to the configured backend.\n\n"
+    "The job runs in the current directory (-D chooses another), with this shell's "
+    "environment plus --env, like sbatch. Its stdout and stderr are kept in its home below "
+    "the state directory (gridcouple logs ID shows them) unless -o/-e name files: relative "
+    "to the job's directory, with %a for the array index and %x for the job name. Array "
+    f"jobs see ${ARRAY_INDEX_ENV}."
+)
 
 
 @app.command(context_settings={"allow_interspersed_args": False}, help=SUBMIT_HELP,
              epilog=EXIT_CODES)
 def submit(
     command: Annotated[list[str], typer.Argument(
-        metavar="COMMAND...", help="The command and its arguments, after --.",
+        metavar="COMMAND", help="The command and its arguments, after --.",
         show_default=False)],
     name: Annotated[str | None, typer.Option(
         "--name", "--job-name", "-J", metavar="NAME",
-        help="Job name (default: the program's file name).", show_default=False)] = None,
+        help="Job name (default: the script's or program's file name).",
+        show_default=False)] = None,
     array: Annotated[str | None, typer.Option(
         "--array", "-a", metavar="N|A-B",
         help=f"N jobs with ${ARRAY_INDEX_ENV} 0..N-1, or the indices A-B or A,B,C.",
@@ -495,18 +504,18 @@ def counts_line(counts: dict[JobState, int], path: Path, shown: int, total: int)
     return f"{line}  ({path})"
 
 
-STATUS_HELP = f"""A table of jobs, like squeue or condor_q; with --watch it stays live.
-
-Without ids: the jobs waiting or running (--all: also the ended ones), newest last. The
-journal is the state directory's (--state-dir, state_dir in the config, else
-$XDG_STATE_HOME/gridcouple), or with --backend that backend's. {READ_ONLY}
-"""
+STATUS_HELP = (
+    "A table of jobs, like squeue or condor_q; with --watch it stays live.\n\n"
+    "Without ids: the jobs waiting or running (--all: also the ended ones), newest last. The "
+    "journal is the state directory's (--state-dir, state_dir in the config, else "
+    f"$XDG_STATE_HOME/gridcouple), or with --backend that backend's. {READ_ONLY}"
+)
 
 
 @app.command(help=STATUS_HELP)
 def status(
     ids: Annotated[list[str] | None, typer.Argument(
-        metavar="[ID]...", help="Job ids: 7, 2-11, 3,5 (default: recent jobs).",
+        metavar="ID", help="Job ids: 7, 2-11, 3,5 (default: recent jobs).",
         show_default=False)] = None,
     show_all: Annotated[bool, typer.Option("--all", "-a", help="Include ended jobs.")] = False,
     limit: Annotated[int, typer.Option(
