@@ -5,12 +5,14 @@ dask is quiet unless asked."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from gridcouple.appkit.transport import RemoteError
 from gridcouple.backends.local import LocalBackend, LocalOptions
 from gridcouple.config import load_config
 from gridcouple.coupler import ApplicationError, ApplicationStartError, AppRequest, Coupler
@@ -25,6 +27,9 @@ APP = textwrap.dedent('''
             with open("where.txt", "w") as out:  # relative: in the server's directory
                 out.write(os.getcwd())
             return Property(1.0, property_id=property_id)
+
+        def get_critical_time_step(self):
+            return {}["missing"]
 ''')
 
 
@@ -54,6 +59,12 @@ def test_a_module_beside_the_scenario_imports_and_allocate_takes_an_app_request(
         where = coupler.allocate(AppRequest("myapps_gc15:Where", name="where"))
         where.get_property("cwd")
         assert (project / "where.txt").read_text() == str(project)  # it runs where we run
+        with pytest.raises(RemoteError) as raised:
+            where.get_critical_time_step()
+        text = str(raised.value)  # says where it raised, in the application's own file
+        assert text.startswith("where.get_critical_time_step: KeyError: 'missing'\n")
+        assert re.search(r'File ".*myapps_gc15.py", line 13, in get_critical_time_step\n'
+                         r'    return \{\}\["missing"\]', text), text
         with pytest.raises(ApplicationError, match=r"takes no other keyword; put name in the "):
             coupler.allocate(AppRequest("myapps_gc15:Where"), name="other")
     site = PartnerSite(LocalOptions(slots=2, idle_exit=2), state_dir=project / "state",

@@ -78,12 +78,20 @@ class FrameTooLargeError(TransportError):
 
 
 class RemoteError(GridcoupleError):
-    """The application raised an exception; ``remote_type`` and ``remote_traceback`` tell what."""
+    """The application raised an exception; ``remote_type`` and ``remote_traceback`` tell what.
+    Its text ends with the remote traceback, so the file and line that raised are in sight."""
 
     def __init__(self, message: str, remote_type: str, remote_traceback: str) -> None:
         super().__init__(message)
+        self.message = message
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        if not self.remote_traceback.strip():
+            return self.message
+        return (f"{self.message}\n\nThe application server's traceback:\n"
+                f"{self.remote_traceback.rstrip()}")
 
 
 @dataclass(frozen=True)
