@@ -38,6 +38,10 @@ def clean_parts(path: str) -> tuple[str, ...]:
         raise PathRefused(f"the path is longer than {MAX_PATH} characters")
     if "\0" in path or "\\" in path:
         raise PathRefused(f"{path!r}: NUL bytes and backslashes are not allowed in a path")
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        raise PathRefused(f"{path!r}: not UTF-8 (a lone surrogate)") from None
     if path.startswith("/"):
         raise PathRefused(f"{path!r}: absolute paths are not allowed; give a path relative to "
                           "the job's working directory")

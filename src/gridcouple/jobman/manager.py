@@ -250,8 +250,9 @@ class JobManager:
             if not any(fnmatch.fnmatchcase(name, p) for p in self.settings.environment):
                 raise Refused(403, f"{where}: clients may not set {name!r} here; allowed names: "
                               f"{_choices(self.settings.environment)}")
-            if not isinstance(value, str) or "\0" in value or "\0" in name or "=" in name:
-                raise Refused(400, f"{where}.{name}: expected a string without NUL bytes")
+            if not (_plain(value) and _plain(name)) or "=" in name:
+                raise Refused(400, f"{where}.{name!r}: expected a UTF-8 string without NUL "
+                              "bytes (and a name without '=')")
         return dict(raw)
 
     def _stage_in(self, raw: Any, where: str, upload: Upload | None) -> tuple[StagedFile, ...]:
@@ -453,11 +454,21 @@ def _only_keys(raw: Mapping[str, Any], known: Sequence[str], where: str) -> None
 
 
 def _strings(raw: Any, where: str) -> list[str]:
-    if not isinstance(raw, list) or not all(isinstance(x, str) and "\0" not in x and
-                                            len(x) <= 4096 for x in raw):
-        raise Refused(400, f"{where}: expected a list of strings (without NUL bytes, at most "
-                      "4096 characters each)")
+    if not isinstance(raw, list) or not all(_plain(x) and len(x) <= 4096 for x in raw):
+        raise Refused(400, f"{where}: expected a list of strings (UTF-8 without NUL bytes, at "
+                      "most 4096 characters each)")
     return raw
+
+
+def _plain(value: Any) -> bool:
+    """A string a process can take: no NUL, nothing UTF-8 cannot encode (a lone surrogate)."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_number(value: Any) -> bool:

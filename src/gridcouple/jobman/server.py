@@ -53,29 +53,36 @@ T = TypeVar("T")
 CHUNK = 256 * 1024
 API = "/api/v1"
 REALM = "gridcouple job manager"
+UNCOUNTED = 2**62
+BODY_TIMEOUT = 600.0  # seconds a request body may take (a large upload on a slow link)
 
 
 class RefusalLog:
-    """Logs refusals with the client's address: at most ``burst`` lines per ``window``
-    seconds, then one line counting the ones not shown (a flood must not fill the disk)."""
+    """Logs refusals with the client's address: per address, at most ``burst`` lines per
+    ``window`` seconds, then one line counting those not shown (a flood must not fill the
+    disk, nor hide another address's refusals)."""
 
     def __init__(self, burst: int = 20, window: float = 10.0) -> None:
         self.burst, self.window = burst, window
         self.window_start = 0.0
-        self.shown = self.hidden = 0
+        self.counts: dict[str, int] = {}
 
     def __call__(self, address: str, status: int, what: str) -> None:
         now = time.monotonic()
         if now - self.window_start > self.window:
-            if self.hidden:
-                log.warning("refused %d more requests in the last %.0f s (not shown)",
-                            self.hidden, self.window)
-            self.window_start, self.shown, self.hidden = now, 0, 0
-        if self.shown < self.burst:
-            self.shown += 1
+            self.flush()
+            self.window_start = now
+        count = self.counts[address] = self.counts.get(address, 0) + 1
+        if count <= self.burst:
             log.warning("refused %s: %d %s", address, status, what)
-        else:
-            self.hidden += 1
+
+    def flush(self) -> None:
+        """Log the counts of the refusals not shown."""
+        for address, count in self.counts.items():
+            if count > self.burst:
+                log.warning("refused %s %d more times in %.0f s (not shown)", address,
+                            count - self.burst, self.window)
+        self.counts = {}
 
 
 class Service:
@@ -107,6 +114,9 @@ class Handler(RequestHandler):
         self.body_parts: list[bytes] = []
         self.received = 0
         self.body_refused = False  # answered while the body came: the method does not run
+        headers = self.request.headers
+        self.body_complete = (headers.get("Content-Length", "0") == "0"
+                              and "Transfer-Encoding" not in headers)
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # no version for strangers
@@ -128,11 +138,15 @@ class Handler(RequestHandler):
         self.service.manager.seen(user, address)
         limit = self.body_limit()
         length = self.request.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        if length is not None and not (length.isascii() and length.isdigit()):
+            raise Refused(400, f"Content-Length {length[:40]!r} is not a number of bytes")
+        if length is not None and int(length) > limit:
             raise Refused(413, f"the request body ({length} bytes) is larger than the "
                           f"{limit} bytes this endpoint takes")
         if isinstance(self.request.connection, HTTP1Connection):
-            self.request.connection.set_max_body_size(limit)
+            # data_received counts the body (chunked too) and answers 413 itself; tornado's
+            # own check would answer a bare 400 to a chunk declared beyond the limit.
+            self.request.connection.set_max_body_size(UNCOUNTED)
 
     def _authenticate(self) -> str | None:
         scheme, _, credentials = self.request.headers.get("Authorization", "").partition(" ")
@@ -162,6 +176,12 @@ class Handler(RequestHandler):
     def take(self, chunk: bytes) -> None:
         """Keep a piece of the body (an upload writes it to its file instead)."""
         self.body_parts.append(chunk)
+
+    def whole_body(self) -> bool:
+        """Whether the body came whole (not refused on its way); a method reading the body
+        calls it first."""
+        self.body_complete = not self.body_refused
+        return self.body_complete
 
     def json_body(self) -> Any:
         """The request body as JSON, or a 400 saying why not."""
@@ -200,6 +220,8 @@ class Handler(RequestHandler):
         if isinstance(value, Refused):
             status_code = value.status
             self.set_status(status_code)
+        if not self.body_complete:  # the rest of the body is not read: the connection ends
+            self.set_header("Connection", "close")
         if status_code == 401:
             scheme = "Basic" if self.page else "Bearer"
             self.set_header("WWW-Authenticate", f'{scheme} realm="{REALM}"')
@@ -240,7 +262,7 @@ class Jobs(Handler):
         self.answer({"jobs": jobs})
 
     async def post(self) -> None:
-        if self.body_refused:
+        if not self.whole_body():
             return
         body = self.json_body()
         answer = await self.service.run(self.service.manager.allocate, self.user,
@@ -250,7 +272,7 @@ class Jobs(Handler):
 
 class JobsAction(Handler):
     async def post(self, action: str) -> None:
-        if self.body_refused:
+        if not self.whole_body():
             return
         body = self.json_body()
         if not isinstance(body, dict):
@@ -362,7 +384,7 @@ class FileTransfer(Handler):
 
     async def put(self, kind: str, where: str, path: str) -> None:
         writer, self.writer = self.writer, None
-        if writer is None or self.body_refused:
+        if not self.whole_body() or writer is None:
             return
         await self.service.run(_confined, writer.commit)
         if self.upload is not None:
@@ -565,7 +587,7 @@ async def _serve(service: Service, tls: ssl.SSLContext | None,
     server = Server(make_application(service), ssl_options=tls, xheaders=False,
                     max_body_size=max(settings.max_body, settings.max_upload),
                     idle_connection_timeout=settings.idle_timeout,
-                    body_timeout=max(60.0, settings.idle_timeout),
+                    body_timeout=BODY_TIMEOUT,
                     max_connections=settings.max_connections, refused=service.refused)
     try:
         sockets = server_sockets(settings.host, settings.port)
@@ -584,6 +606,7 @@ async def _serve(service: Service, tls: ssl.SSLContext | None,
              service.manager.work_root)
     announce({"url": url, "pid": os.getpid(), "work_root": str(service.manager.work_root)})
     await stop.wait()
+    service.refused.flush()
     log.info("stopping; running jobs go on")
     server.stop()
     with contextlib.suppress(asyncio.TimeoutError):
