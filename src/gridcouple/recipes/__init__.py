@@ -20,6 +20,7 @@ RECIPES: dict[str, str] = {
     "demo": "gridcouple.recipes.demo",
     "weak-coupling": "gridcouple.recipes.weak_coupling",
     "thermo-mechanical": "gridcouple.recipes.thermo_mechanical",
+    "distributed": "gridcouple.recipes.distributed",
 }
 
 
