@@ -160,6 +160,12 @@ class _Session:
         if self.journal is not None:
             self.journal.close()
 
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _by_backend(jobs: Iterable[Job]) -> dict[str, list[Job]]:
     grouped: dict[str, list[Job]] = defaultdict(list)
@@ -687,21 +693,15 @@ def _hold_or_release(ids: list[str], session: _Session, release: bool) -> None:
              epilog=NOT_APPLIED)
 def hold(ids: IdsArgument, config: ConfigOption = None, backend: BackendOption = None,
          state_dir: StateDirOption = None) -> None:
-    session = _Session(open_config(config, backend, state_dir), backend)
-    try:
+    with _Session(open_config(config, backend, state_dir), backend) as session:
         _hold_or_release(ids, session, release=False)
-    finally:
-        session.close()
 
 
 @app.command(help="Let held jobs start again.", epilog=NOT_APPLIED)
 def release(ids: IdsArgument, config: ConfigOption = None, backend: BackendOption = None,
             state_dir: StateDirOption = None) -> None:
-    session = _Session(open_config(config, backend, state_dir), backend)
-    try:
+    with _Session(open_config(config, backend, state_dir), backend) as session:
         _hold_or_release(ids, session, release=True)
-    finally:
-        session.close()
 
 
 # --- logs and wait -------------------------------------------------------------------------
