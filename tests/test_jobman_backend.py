@@ -162,7 +162,7 @@ def test_weak_coupling_runs_through_a_job_manager_over_https(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
         assert "Time:  1.00 concentration  1.00, running average  0.55" in run.stdout
-        code, overview = jm.request("GET", "/api/v1/status")
+        _, overview = jm.request("GET", "/api/v1/status")
         assert [j["what"] for j in overview["jobs"]] == [
             "gridcouple.recipes.weak_coupling:Concentration",
             "gridcouple.recipes.weak_coupling:RunningAverage"]
@@ -171,10 +171,10 @@ def test_weak_coupling_runs_through_a_job_manager_over_https(tmp_path):
 
 def test_an_application_the_job_manager_does_not_run_is_one_clear_error(tmp_path):
     with running_jobman(tmp_path / "jm", apps=["gridcouple.recipes.weak_coupling:*"]) as jm, \
-            Coupler(client_config(tmp_path, jm)) as coupler:
-        with pytest.raises(BackendError, match="does not run the application "
-                           "'gridcouple.recipes.demo:Sweep'"):
-            coupler.allocate("gridcouple.recipes.demo:Sweep", resources=Resources())
+            Coupler(client_config(tmp_path, jm)) as coupler, \
+            pytest.raises(BackendError, match="does not run the application "
+                          "'gridcouple.recipes.demo:Sweep'"):
+        coupler.allocate("gridcouple.recipes.demo:Sweep", resources=Resources())
 
 
 def test_run_distributed_on_two_configured_job_managers(tmp_path):
