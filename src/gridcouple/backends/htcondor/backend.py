@@ -48,7 +48,7 @@ _RESERVED = frozenset({
     "executable", "arguments", "initialdir", "log", "output", "error", "universe", "batch_name",
     "transfer_executable", "should_transfer_files", "when_to_transfer_output",
     "transfer_input_files", "transfer_output_files", "preserve_relative_paths",
-    "+gridcoupletag", "submit_event_notes", "periodic_remove", "job_max_vacate_time"})
+    "+gridcoupletag", "submit_event_user_notes", "periodic_remove", "job_max_vacate_time"})
 _ATTRIBUTES = ["ClusterId", "ProcId", "JobStatus", "HoldReason", "HoldReasonCode",
                "LastHoldReason", "LastHoldReasonCode", "RemoveReason", "LastRejMatchReason",
                "ExitCode", "ExitBySignal", "ExitSignal", "QDate", "JobStartDate",
@@ -164,7 +164,7 @@ def apply_event(rows: dict[str, CondorRow], event: Any) -> None:
     native_id = f"{event.cluster}.{event.proc}"
     row, kind, when = rows.get(native_id, CondorRow()), event.type, float(event.timestamp)
     if kind == kinds.SUBMIT:
-        row = row._replace(job_status=1, submit_time=when, tag=event.get("LogNotes", ""))
+        row = row._replace(job_status=1, submit_time=when, tag=event.get("UserNotes", ""))
     elif kind == kinds.EXECUTE:
         row = row._replace(job_status=2, start_time=when, host=event.get("SlotName", ""),
                            reason="")
@@ -180,8 +180,11 @@ def apply_event(rows: dict[str, CondorRow], event: Any) -> None:
         row = row._replace(job_status=1, hold_code=0, reason=event.get("Reason", ""))
     elif kind in (kinds.JOB_SUSPENDED, kinds.JOB_UNSUSPENDED):
         row = row._replace(job_status=7 if kind == kinds.JOB_SUSPENDED else 2)
-    elif kind == kinds.REMOTE_ERROR:
-        row = row._replace(reason=event.get("ErrorMsg", ""))
+    elif kind == kinds.REMOTE_ERROR:  # with a hold code: the job is being held for it
+        code = event.get("HoldReasonCode", 0)
+        row = row._replace(reason=event.get("ErrorMsg", ""), **(
+            {"job_status": 5, "hold_code": code, "end_time": when} if code in FINAL_HOLDS
+            else {}))
     else:
         return
     rows[native_id] = row
@@ -240,6 +243,7 @@ class HTCondorBackend(BatchBackend):
         self._stamp: int | None = None
         self._reconciled_here = False
         self._warned: set[str] = set()
+        self._removed: set[str] = set()
         _configure(self.options)
 
     def _warn_once(self, message: str) -> None:
@@ -289,7 +293,7 @@ class HTCondorBackend(BatchBackend):
         commands = {
             "executable": str(script), "arguments": "$(ProcId)", "initialdir": str(self.state_dir),
             "error": f"{self.batch_dir.name}/{first}.$(ProcId).err", "batch_name": name,
-            "+GridcoupleTag": '"' + tag + '"', "submit_event_notes": tag,
+            "+GridcoupleTag": '"' + tag + '"', "submit_event_user_notes": tag,
             "periodic_remove": ("JobStatus == 5 && member(HoldReasonCode, {"
                                 + ", ".join(map(str, sorted(FINAL_HOLDS))) + "})"),
             "job_max_vacate_time": str(math.ceil(self.options.kill_wait)),
@@ -342,7 +346,9 @@ class HTCondorBackend(BatchBackend):
                 self._reconcile(followed, required=not readable)
             if self.options.spool:
                 self._retrieve(followed)
-            return dict(followed.rows)
+            rows = dict(followed.rows)
+        self._remove_ended(rows)
+        return rows
 
     def task_of(self, native_id: str) -> int:
         """``12.4`` is proc 4: task 4 of its submission."""
@@ -418,6 +424,18 @@ class HTCondorBackend(BatchBackend):
             raise BackendError(f"{action.name} of {', '.join(native_ids[:5])}: permission denied "
                                f"for {result['TotalPermissionDenied']}, errors for "
                                f"{result['TotalError']} of {len(native_ids)} jobs")
+
+    def _remove_ended(self, rows: Mapping[str, CondorRow]) -> None:
+        """Remove jobs held for good (walltime, cannot run) at once: they are final for us, and
+        the submit's periodic_remove, the fallback, waits for the schedd's periodic cycle."""
+        ended = [n for n, row in rows.items()
+                 if row.job_status == 5 and row.final and n not in self._removed]
+        if ended:
+            self._removed.update(ended)
+            try:
+                self._act(htcondor2.JobAction.Remove, ended, "ended by gridcouple")
+            except BackendError as exc:
+                self._warn_once(f"held jobs stay in the queue: {exc}")
 
     def _reconcile(self, followed: _Followed, *, required: bool) -> None:
         """One Schedd.query for all jobs of this state directory: it overrides what the log
