@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -83,6 +84,9 @@ class CouplerSection:
     tls_key: Path | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise OptionError("port", f"must be a TCP port, 0 (any free one) to 65535, got "
+                              f"{self.port}")
         if self.join_timeout <= 0:
             raise OptionError("join_timeout", f"must be positive, got {self.join_timeout}")
         if self.call_timeout < 0:
@@ -179,6 +183,10 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
         file = Path(path).expanduser().absolute()
         try:
             text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = exc.object[:exc.start].count(b"\n") + 1
+            raise ConfigError(f"{file}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}"
+                              "); TOML files are UTF-8") from None
         except FileNotFoundError:
             named = f" (named by ${CONFIG_ENV})" if from_env else ""
             raise ConfigError(f"config file {file}{named} does not exist") from None
@@ -311,6 +319,8 @@ def _convert(value: Any, hint: Any, keys: tuple[str, ...], config: Config) -> An
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{config.where(keys)}: expected a finite number, got {value!r}")
     if hint is Path and isinstance(value, str):
         base = config.path.parent if config.path else Path.cwd()
         return (base / Path(value).expanduser()).resolve()

@@ -801,7 +801,9 @@ def _line_of(error: ConfigError) -> int:
 
 
 @config_app.command("check", help="Validate the configuration file and every backend table "
-                    "in it, reporting every error (file, line and key).",
+                    "in it, reporting every error (file, line and key). A policy of your own "
+                    "(package.module:Class) is imported to check it: its module's top-level "
+                    "code runs.",
                     epilog="Exit codes: 0 when valid; 2 when not, after naming every error.")
 def config_check(config: ConfigOption = None, backend: BackendOption = None,
                  state_dir: StateDirOption = None) -> None:

@@ -507,10 +507,11 @@ def make_policy(name: str) -> Policy:
         return POLICIES[name]()
     if ":" in name:
         module_name, _, class_name = name.partition(":")
-        try:
+        try:  # a user's module: any error at its import is theirs to see, in one line
             cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"policy {name!r} cannot be imported: {exc}") from exc
+        except Exception as exc:
+            raise ConfigError(f"policy {name!r} cannot be imported: "
+                              f"{type(exc).__name__}: {exc}") from exc
         if not (isinstance(cls, type) and issubclass(cls, Policy)):
             raise ConfigError(f"policy {name!r} is not a gridcouple.scheduler.policies.Policy")
         return cls()
