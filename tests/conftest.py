@@ -10,6 +10,20 @@ import subprocess
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_home(tmp_path_factory):
+    """Tests never touch the user's own state directory ($XDG_STATE_HOME/gridcouple, the
+    default of a configuration without state_dir)."""
+    home = tmp_path_factory.mktemp("xdg-state")
+    previous = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(home)
+    yield home
+    if previous is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = previous
+
+
 def require_service(service: str, available: bool, why: str) -> None:
     """Skip (or, with CI=true, fail) the calling test when ``service`` is not available."""
     if available:

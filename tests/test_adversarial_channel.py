@@ -572,3 +572,33 @@ def test_a_channel_reads_a_large_header_as_it_arrives_not_as_claimed():
     ours.close()
     channel.close()
 
+
+
+def test_registrations_without_an_endpoint_are_refused_and_the_registry_goes_on(
+        tmp_path, monkeypatch, caplog):
+    """An authenticated peer that registers nonsense (not a dict, no endpoint) is refused, a
+    flood of them logs a few lines, and a real application server still joins afterwards."""
+    import logging
+
+    from gridcouple.appkit.transport import connect
+    from gridcouple.config import load_config
+    from gridcouple.coupler import AppRequest, Coupler
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    path = tmp_path / "gridcouple.toml"
+    path.write_text('state_dir = "state"\n[backend.local]\nidle_exit = 2\n')
+    with Coupler(load_config(path)) as coupler, caplog.at_level(logging.WARNING):
+        intruder = coupler._new_member(AppRequest("x:Y", name="intruder"), coupler.backend)
+        for payload in ["hello", [1, 2], None, {"endpoint": 3}, {}] * 6:
+            channel = connect(coupler.registry_endpoint, intruder.token, "intruder", timeout=5)
+            channel.send(payload)
+            with pytest.raises((TransportError, OSError)):
+                channel.receive()  # closed: no "ok"
+            channel.close()
+        assert not intruder.joined.is_set()
+        refusals = [r for r in caplog.records if "registration" in r.getMessage()]
+        assert 1 <= len(refusals) <= 20
+        app = coupler.allocate("test_appkit_apps:Counter", name="real")
+        app.solve_step(TimeStep(0.5, 0.5, 1))
+        assert app.get_property("c").value == 0.5

@@ -624,7 +624,7 @@ class ObjectServer:
         self.port = self.listener.getsockname()[1]
         self.acceptor = Acceptor(self.listener, self._serve, limits=self.limits,
                                  name=f"app server {self.endpoint}")
-        self._refusals = _Throttle()
+        self._refusals = WarningThrottle()
 
     @property
     def endpoint(self) -> str:
@@ -688,7 +688,7 @@ class ObjectServer:
             return _error_reply(exc)
 
 
-class _Throttle:
+class WarningThrottle:
     """Warnings of one kind, at most ``burst`` per ``window`` seconds: a flood of refused
     connections must not fill the job's stderr. The next one logged after a quiet spell
     says how many were left out."""

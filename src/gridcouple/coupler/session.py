@@ -52,6 +52,8 @@ from gridcouple.appkit.transport import (
     ApplicationProxy,
     Channel,
     TransportError,
+    WarningThrottle,
+    accept_connections,
     accept_handshake,
     accept_tls,
     app_token,
@@ -140,6 +142,7 @@ class Coupler:
         self._scheduler: Any = None
         self._registry: socket.socket | None = None
         self._registry_channels: list[Channel] = []
+        self._refusals = WarningThrottle()  # a flood of bad registrations logs a few lines
         self._scheduler_members: dict[str, dict[str, Any]] = {}
         self._scheduler_client_kwargs: dict[str, Any] = {}
         self._store_roots: dict[str, str] = {}  # field store root by backend name
@@ -478,7 +481,7 @@ class Coupler:
     def _start_registry(self) -> None:
         host = self.settings.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._registry = socket.create_server((host, 0), family=family, backlog=64)
+        self._registry = socket.create_server((host, 0), family=family, backlog=1024)
         threading.Thread(target=self._accept_registrations, name="registry",
                          daemon=True).start()
 
@@ -493,8 +496,6 @@ class Coupler:
         self._registry_channels.clear()
 
     def _accept_registrations(self) -> None:
-        from gridcouple.appkit.transport import accept_connections
-
         if self._registry is not None:  # survives EMFILE & co; bounds unauthenticated peers
             accept_connections(self._registry, self._registration, name="registry")
 
@@ -504,9 +505,12 @@ class Coupler:
             channel = Channel(sock)
             name = accept_handshake(channel, self._token_of)
             info = channel.receive()
+            if not (isinstance(info, dict) and isinstance(info.get("endpoint"), str)):
+                raise TransportError(f"{name}: a registration must name its endpoint, got "
+                                     f"{type(info).__name__}")
             channel.send("ok")
         except (OSError, TransportError) as exc:
-            log.warning("refused an application server registration: %s", exc)
+            self._refusals.warn("refused an application server registration: %s", exc)
             sock.close()
             return
         member = self._members.get(name)
