@@ -16,8 +16,9 @@ from gridcouple.backends import open_backend
 from gridcouple.config import load_config
 from gridcouple.coupler import Coupler
 from gridcouple.errors import BackendError, ConfigError
+from gridcouple.jobman.launch import toml_table
 from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
-from test_jobman_helpers import GRIDCOUPLE, running_jobman, start_jobman, toml_table, wait_for
+from test_jobman_helpers import GRIDCOUPLE, running_jobman, start_jobman, wait_for
 
 
 def client_config(tmp_path, *servers, default: str = "partner-a", **more):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
-import select
 import shutil
 import signal
 import socket
@@ -26,18 +24,9 @@ from typing import Any
 import pytest
 
 from gridcouple.jobman.client import JobManagerClient
-from gridcouple.jobman.tokens import TokenStore
+from gridcouple.jobman.launch import launch, start_job_manager
 
 GRIDCOUPLE = str(Path(sys.executable).with_name("gridcouple"))
-START_TIMEOUT = 20.0
-
-
-def toml_table(name: str, values: dict[str, Any]) -> str:
-    """A TOML table of strings, numbers, booleans and lists of strings (JSON spells them the
-    same way)."""
-    lines = [f"{key} = {json.dumps(str(v) if isinstance(v, Path) else v)}\n"
-             for key, v in values.items()]
-    return f"[{name}]\n" + "".join(lines)
 
 
 def make_certificate(directory: Path, *addresses: str) -> tuple[Path, Path]:
@@ -133,9 +122,7 @@ class JobManagerProcess:
         """Start the same configuration again, on the same port (clients reconnect)."""
         text = self.config.read_text()
         self.config.write_text(text.replace("port = 0\n", f"port = {self.port}\n"))
-        again = launch(self.config, self.work_root, self.tokens, self.token_files,
-                       self.ca_file, self.log)
-        self.process, self.url = again.process, again.url
+        self.process, self.url = launch(self.config, self.log)
         return self
 
     def cleanup(self) -> None:
@@ -145,32 +132,12 @@ class JobManagerProcess:
                         "--cancel-jobs"], capture_output=True, timeout=60)
 
 
-def launch(config: Path, work_root: Path, tokens: dict[str, str], token_files: dict[str, Path],
-           ca_file: Path | None, log: Path, env: dict[str, str] | None = None) -> JobManagerProcess:
-    """Start ``gridcouple jobman serve`` and wait for its announcement line."""
-    with open(log, "a") as err:
-        process = subprocess.Popen([GRIDCOUPLE, "jobman", "serve", "--config", str(config)],
-                                   stdout=subprocess.PIPE, stderr=err, text=True,
-                                   env=env or os.environ.copy(), start_new_session=True)
-    assert process.stdout is not None
-    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
-    line = process.stdout.readline() if ready else ""
-    if not line:
-        process.kill()
-        process.wait(5)
-        raise RuntimeError(f"the job manager did not start: {log.read_text()[-2000:]}")
-    return JobManagerProcess(process, json.loads(line)["url"], config, work_root, tokens,
-                             token_files, ca_file, log)
-
-
 def start_jobman(directory: Path, *, users: tuple[str, ...] = ("alice", "bob"), tls: bool = False,
                  **settings: Any) -> JobManagerProcess:
     """A job manager on 127.0.0.1 (any free port) with a fresh work root below ``directory``,
     tokens for ``users``, and ``settings`` for its [jobmanager] table."""
     directory.mkdir(parents=True, exist_ok=True)
-    work_root = directory / "work"
-    values: dict[str, Any] = {"port": 0, "work_root": work_root, "max_jobs": 2,
-                              "commands": ["sh", "sleep", "true", "cat"],
+    values: dict[str, Any] = {"max_jobs": 2, "commands": ["sh", "sleep", "true", "cat"],
                               "apps": ["gridcouple.recipes.*"], "grace_period": 1.0}
     ca_file = None
     if tls:
@@ -178,16 +145,9 @@ def start_jobman(directory: Path, *, users: tuple[str, ...] = ("alice", "bob"), 
         values.update(tls_cert=cert, tls_key=key)
         ca_file = cert
     values.update(settings)
-    config = directory / "jobman.toml"
-    config.write_text(toml_table("jobmanager", values))
-    store = TokenStore(work_root / "tokens.json")
-    tokens, token_files = {}, {}
-    for user in users:
-        tokens[user] = store.add(user)
-        token_files[user] = directory / f"{user}.token"
-        token_files[user].write_text(tokens[user] + "\n")
-        token_files[user].chmod(0o600)
-    return launch(config, work_root, tokens, token_files, ca_file, directory / "jobman.log")
+    started = start_job_manager(directory, values, users)
+    return JobManagerProcess(started.process, started.url, started.config, started.work_root,
+                             started.tokens, started.token_files, ca_file, started.log)
 
 
 @contextlib.contextmanager

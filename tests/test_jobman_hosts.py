@@ -10,7 +10,8 @@ import subprocess
 
 from conftest import require_service
 from gridcouple.jobman.client import JobManagerClient, read_token
-from test_jobman_helpers import GRIDCOUPLE, make_certificate, toml_table
+from gridcouple.jobman.launch import toml_table
+from test_jobman_helpers import GRIDCOUPLE, make_certificate
 
 pytest_plugins = ["testhosts"]
 RECORD = os.path.join(os.path.dirname(__file__), "..", ".gridcouple-services", "jobman.json")

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +22,13 @@ from rich.console import Console
 
 from gridcouple.appkit.data import Field, StructuredMesh
 from gridcouple.appkit.store import FieldRef
-from gridcouple.config import Config, load_config
+from gridcouple.config import Config
 from gridcouple.coupler import AppRequest, Coupler
-from gridcouple.errors import GridcoupleError
 from gridcouple.recipes import weak_coupling
 from gridcouple.recipes.stepping import step_progress, time_steps
 
 MESH = StructuredMesh((8, 8), origin=(0.0, 0.0), spacing=(0.125, 0.125))
 PARTNERS = ("partner-a", "partner-b")
-START_TIMEOUT = 30.0
 
 
 class ConcentrationField(weak_coupling.Concentration):
@@ -104,51 +97,20 @@ def main(config: Config, console: Console, *, verbose: bool = False) -> None:
 def local_job_managers(config: Config) -> Iterator[Config]:
     """Two job managers on this machine (loopback, any free port, their own work roots and
     tokens) for the time of the block; yields ``config`` with a backend for each."""
+    from gridcouple.jobman.launch import LaunchedJobManager, start_job_manager
+
     root = Path(tempfile.mkdtemp(prefix="gridcouple-distributed-"))
-    servers: list[tuple[subprocess.Popen[str], Path]] = []
+    servers: list[LaunchedJobManager] = []
     try:
         tables = dict(config.backend_tables)
         for name in PARTNERS:
-            url, token_file, server, partner_config = _start(root / name)
-            servers.append((server, partner_config))
-            tables[name] = {"type": "jobmanager", "url": url, "token_file": str(token_file)}
+            server = start_job_manager(root / name, {"apps": [f"{__name__}:*"], "max_jobs": 2})
+            servers.append(server)
+            tables[name] = {"type": "jobmanager", "url": server.url,
+                            "token_file": str(server.token_files["coupler"])}
         yield dataclasses.replace(config, backend=PARTNERS[0], backend_tables=tables,
                                   backend_origin="the distributed recipe")
     finally:
-        from gridcouple.jobman.server import stop
-
-        for server, partner_config in servers:
-            stop(load_config(partner_config), cancel_jobs=True)
-            server.wait(10)
+        for server in servers:
+            server.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _start(directory: Path) -> tuple[str, Path, subprocess.Popen[str], Path]:
-    """One job manager that runs this recipe's applications: its URL, a token file for it,
-    its process and its configuration file."""
-    from gridcouple.jobman.tokens import TokenStore
-
-    work_root = directory / "work"
-    directory.mkdir(mode=0o700)
-    config = directory / "jobman.toml"
-    config.write_text("[jobmanager]\nport = 0\n"
-                      f"work_root = {json.dumps(str(work_root))}\n"
-                      f"apps = {json.dumps([f'{__name__}:*'])}\nmax_jobs = 2\n")
-    token_file = directory / "coupler.token"
-    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(TokenStore(work_root / "tokens.json").add("coupler") + "\n")
-    with open(directory / "jobman.log", "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-c", "from gridcouple.cli import main; main()", "jobman",
-             "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=log, text=True,
-            start_new_session=True)
-    assert server.stdout is not None
-    ready, _, _ = select.select([server.stdout], [], [], START_TIMEOUT)
-    line = server.stdout.readline() if ready else ""
-    if not line:
-        server.kill()
-        server.wait()
-        raise GridcoupleError(f"a job manager did not start within {START_TIMEOUT:g} s: "
-                              f"{(directory / 'jobman.log').read_text()[-1000:]}")
-    return json.loads(line)["url"], token_file, server, config
