@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gridcouple.backends.base import statuses_after
 from gridcouple.backends.local import LocalBackend, LocalOptions
 from gridcouple.errors import BackendError, GridcoupleError, JobNotFoundError
 from gridcouple.jobman import files
 from gridcouple.jobman.settings import JobManagerSection
 from gridcouple.jobs import Job, JobSpec, JobState, JobStatus, Resources, StagedFile
+from gridcouple.journal import JobRecord
 
 OWNER, CLIENT, REQUEST, WHAT, CPUS = (f"jobman.{key}" for key in
                                       ("owner", "client", "request", "what", "cpus"))
@@ -271,10 +273,14 @@ class JobManager:
     def status(self, user: str, ids: Any) -> list[dict[str, Any]]:
         """The status of each job, in the order asked; ``error`` for one that is not yours."""
         wanted = _ids(ids)
-        jobs = self._jobs(user, wanted)
-        statuses = dict(zip((j.id for j in jobs.values()),
-                            self.queue.status(list(jobs.values())), strict=True))
-        return [_status_json(i, jobs[i].spec.name, statuses[i]) if i in jobs
+        records = self._records(user, wanted)
+        mine = list(records.values())
+        # Backend.status on records already read: the queue's daemon keeps them current.
+        pending = [r for r in mine if not r.status.state.is_final]
+        changed = self.queue.record(pending, self.queue.query(pending)) if pending else []
+        statuses = dict(zip(records, statuses_after(self.queue.journal, mine, changed),
+                            strict=True))
+        return [_status_json(i, records[i].job.spec.name, statuses[i]) if i in records
                 else {"id": i, "error": "no such job of yours"} for i in wanted]
 
     def list_jobs(self, user: str, live_only: bool) -> list[dict[str, Any]]:
@@ -406,6 +412,10 @@ class JobManager:
 
     def _jobs(self, user: str, ids: Sequence[int]) -> dict[int, Job]:
         """The jobs among ``ids`` that exist and are the user's."""
+        return {job_id: record.job for job_id, record in self._records(user, ids).items()}
+
+    def _records(self, user: str, ids: Sequence[int]) -> dict[int, JobRecord]:
+        """The records of the jobs among ``ids`` that exist and are the user's."""
         journal = self.queue.journal
         try:
             records = journal.get(ids)
@@ -419,7 +429,7 @@ class JobManager:
             owner = record.job.spec.attributes.get(OWNER, "")
             self._owners[record.job.id] = owner
             if owner == user and record.job.backend == "jobman":
-                found[record.job.id] = record.job
+                found[record.job.id] = record
         return found
 
 
