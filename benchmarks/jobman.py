@@ -27,12 +27,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from gridcouple.backends.local import LocalBackend, LocalOptions
 from gridcouple.config import load_config
 from gridcouple.coupler import Coupler
 from gridcouple.jobman.client import JobManagerClient, read_token
 from gridcouple.jobman.launch import start_job_manager, toml_table
 from gridcouple.jobs import JobSpec, JobState
+from gridcouple.scheduler.metrics import step_count
 
 APP = "gridcouple.recipes.weak_coupling:Concentration"
 SERVICE = Path(__file__).resolve().parents[1] / ".gridcouple-services" / "jobman.json"
@@ -221,12 +224,9 @@ def _span(text: str) -> tuple[float, float]:
 
 
 def most_at_once(spans: Sequence[tuple[float, float]]) -> int:
-    moments = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    most = now = 0
-    for _, change in moments:
-        now += change
-        most = max(most, now)
-    return most
+    """The most jobs running at one moment."""
+    starts, ends = zip(*spans, strict=True)
+    return int(step_count(np.array(starts), np.array(ends))[1].max())
 
 
 def main() -> None:

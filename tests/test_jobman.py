@@ -12,12 +12,14 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gridcouple.backends.local.backend import process_start
 from gridcouple.config import load_config
 from gridcouple.errors import ConfigError
 from gridcouple.jobman.client import JobManagerClient, JobManagerRefused
+from gridcouple.scheduler.metrics import step_count
 from test_jobman_helpers import (
     GRIDCOUPLE,
     assert_refused,
@@ -222,12 +224,8 @@ def _all_states(jm, ids) -> list[str]:
 
 def max_overlap(spans: list[tuple[float, float]]) -> int:
     """The most intervals open at one moment."""
-    moments = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    most = now = 0
-    for _, change in moments:
-        now += change
-        most = max(most, now)
-    return most
+    starts, ends = zip(*spans, strict=True)
+    return int(step_count(np.array(starts), np.array(ends))[1].max())
 
 
 def test_over_limit_refuse_answers_429_beyond_max_jobs_under_a_race(tmp_path):

@@ -10,21 +10,20 @@ import contextlib
 import http.client
 import json
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gridcouple.jobman.client import JobManagerClient
-from gridcouple.jobman.launch import launch, start_job_manager
+from gridcouple.jobman.launch import LaunchedJobManager, launch, start_job_manager
 
 GRIDCOUPLE = str(Path(sys.executable).with_name("gridcouple"))
 
@@ -45,18 +44,10 @@ def make_certificate(directory: Path, *addresses: str) -> tuple[Path, Path]:
 
 
 @dataclass
-class JobManagerProcess:
-    """One running job manager."""
+class JobManagerProcess(LaunchedJobManager):
+    """One running job manager, as the tests drive it."""
 
-    process: subprocess.Popen[str]
-    url: str
-    config: Path
-    work_root: Path
-    tokens: dict[str, str]  # user -> token
-    token_files: dict[str, Path]
-    ca_file: Path | None
-    log: Path
-    extra: dict[str, Any] = field(default_factory=dict)
+    ca_file: Path | None = None
 
     @property
     def port(self) -> int:
@@ -103,16 +94,6 @@ class JobManagerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self) -> None:
-        """SIGTERM, as an administrator would (running jobs go on)."""
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
     def kill(self) -> None:
         """SIGKILL: nothing gets to clean up."""
         self.process.kill()
@@ -127,9 +108,7 @@ class JobManagerProcess:
 
     def cleanup(self) -> None:
         """Stop the server, cancel what still runs, stop its queue's daemon."""
-        self.stop()
-        subprocess.run([GRIDCOUPLE, "jobman", "stop", "--config", str(self.config),
-                        "--cancel-jobs"], capture_output=True, timeout=60)
+        self.stop(cancel_jobs=True)
 
 
 def start_jobman(directory: Path, *, users: tuple[str, ...] = ("alice", "bob"), tls: bool = False,
@@ -146,8 +125,7 @@ def start_jobman(directory: Path, *, users: tuple[str, ...] = ("alice", "bob"), 
         ca_file = cert
     values.update(settings)
     started = start_job_manager(directory, values, users)
-    return JobManagerProcess(started.process, started.url, started.config, started.work_root,
-                             started.tokens, started.token_files, ca_file, started.log)
+    return JobManagerProcess(**vars(started), ca_file=ca_file)
 
 
 @contextlib.contextmanager
