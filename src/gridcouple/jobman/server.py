@@ -251,11 +251,15 @@ class NotFound(Handler):
 
 
 class Info(Handler):
+    """GET /api/v1/info: what a client needs to know."""
+
     async def get(self) -> None:
         self.answer(await self.service.run(self.service.manager.info, self.user))
 
 
 class Jobs(Handler):
+    """GET: the user's jobs; POST: allocate N jobs in one request."""
+
     async def get(self) -> None:
         live = self.get_query_argument("live", "0") not in ("0", "false", "")
         jobs = await self.service.run(self.service.manager.list_jobs, self.user, live)
@@ -271,6 +275,8 @@ class Jobs(Handler):
 
 
 class JobsAction(Handler):
+    """POST /api/v1/jobs/ACTION: status, cancel, hold, release or signal N jobs."""
+
     async def post(self, action: str) -> None:
         if not self.whole_body():
             return
@@ -287,18 +293,24 @@ class JobsAction(Handler):
 
 
 class Events(Handler):
+    """GET /api/v1/events?since=SEQ: the user's job events."""
+
     async def get(self) -> None:
         since = self.int_argument("since", 0)
         self.answer(await self.service.run(self.service.manager.events, self.user, since))
 
 
 class RequestJobs(Handler):
+    """GET /api/v1/requests/ID: the jobs a request made."""
+
     async def get(self, request: str) -> None:
         ids = await self.service.run(self.service.manager.request_jobs, self.user, request)
         self.answer({"ids": ids})
 
 
 class Output(Handler):
+    """GET /api/v1/jobs/ID/stdout|stderr?tail=N."""
+
     async def get(self, job: str, stream: str) -> None:
         lines = self.int_argument("tail", 100)
         text = await self.service.run(self.service.manager.tail, self.user, self.job_id(job),
@@ -307,6 +319,8 @@ class Output(Handler):
 
 
 class FileList(Handler):
+    """GET /api/v1/jobs/ID/files[?path=DIR]: the files of a job's directory."""
+
     async def get(self, job: str) -> None:
         root = await self.service.run(self.service.manager.job_root, self.user,
                                       self.job_id(job))
@@ -421,18 +435,24 @@ class FileTransfer(Handler):
 
 
 class Uploads(Handler):
+    """POST /api/v1/uploads: a place for stage-in files."""
+
     async def post(self) -> None:
         upload = await self.service.run(self.service.manager.new_upload, self.user)
         self.answer({"upload": upload}, 201)
 
 
 class UploadDelete(Handler):
+    """DELETE /api/v1/uploads/ID."""
+
     async def delete(self, upload: str) -> None:
         await self.service.run(self.service.manager.remove_upload, self.user, upload)
         self.answer({"removed": upload})
 
 
 class Overview(Handler):
+    """GET /api/v1/status: what the status monitor shows."""
+
     async def get(self) -> None:
         self.answer(await self.service.run(self.service.manager.overview))
 
