@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -47,12 +48,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,6 +65,7 @@ from gridcouple.appkit.data import (
     UnstructuredMesh,
     is_finite_real,
 )
+from gridcouple.errors import GridcoupleError
 
 CHUNK_BYTES = 8 * 1024 * 1024
 IO_THREADS = 4
@@ -81,10 +83,50 @@ _OWNER = re.compile(r"(?P<host>[A-Za-z0-9.-]+)_(?P<pid>[0-9]{1,10})_(?P<start>[0
 # On file systems whose create-only write checks, then writes (memory://, fsspec's default
 # pipe_file), this lock makes it one step within one process; see _needs_create_lock.
 _CREATE_LOCK = threading.Lock()
+_PRODUCER = re.compile(r"[A-Za-z0-9_.+-]{1,64}")  # an application's name in a session
+_STORE_ID = re.compile(r"[0-9a-f]{32}")
+_REF_KEYS = frozenset({"store_url", "field_id", "version", "shape", "dtype", "chunks", "mesh",
+                       "value_type", "units", "time", "location", "metadata", "producer",
+                       "store_id"})
+
+
+class StoreReader(Protocol):
+    """Read access to one field store's keys (``temperature/v000003/zarr.json``...): a
+    confined local directory, or a producer's server (gridcouple.appkit.remote)."""
+
+    url: str
+
+    def get(self, key: str, start: int | None = None, end: int | None = None,
+            suffix: int | None = None) -> bytes | bytearray | None:
+        """The bytes of ``key`` (``[start:end]``, or the last ``suffix``); None if absent."""
+
+    def read_into(self, key: str, target: memoryview) -> int:
+        """Fill ``target`` from the start of ``key``; the bytes read (0: absent)."""
+
+    def list_dir(self, prefix: str) -> list[str]:
+        """The names directly below ``prefix``."""
+
+    def zarr_store(self) -> Any:
+        """A read-only zarr v3 store of the whole store."""
+
+
+#: How this process reads FieldRefs it did not make itself: installed by
+#: gridcouple.appkit.remote inside a coupling session (the coupler, its application
+#: servers); None elsewhere.
+ref_resolver: Callable[[FieldRef], Any] | None = None
 
 
 class VersionConflictError(ValueError):
     """A field already has a committed version for that time, with other values."""
+
+
+class RefRefusedError(ValueError):
+    """A FieldRef this process will not read: it names no producer of this coupling session,
+    a store its producer does not serve, a URL, or a file outside its store."""
+
+
+class FieldUnavailableError(GridcoupleError):
+    """The producer that serves a FieldRef's store has gone (or does not answer)."""
 
 
 def _is_local(url: str) -> bool:
@@ -123,10 +165,23 @@ class FieldRef:
     time: float | None = None
     location: str = "vertex"
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    producer: str = ""  # the application (in its coupling session) that serves the store
+    store_id: str = ""  # the store's identity, written in its root when it was made
 
     def __post_init__(self) -> None:
         """A reference (perhaps from the wire) names a version inside its store only."""
         _check_field_id(self.field_id)
+        if not isinstance(self.store_url, str) or not self.store_url or "\0" in self.store_url:
+            raise ValueError(f"FieldRef of field {self.field_id!r}: store_url must be a "
+                             f"non-empty string, got {self.store_url!r}")
+        if self.producer and not (isinstance(self.producer, str)
+                                  and _PRODUCER.fullmatch(self.producer)):
+            raise ValueError(f"FieldRef of field {self.field_id!r}: producer {self.producer!r} "
+                             "is not an application name")
+        if self.store_id and not (isinstance(self.store_id, str)
+                                  and _STORE_ID.fullmatch(self.store_id)):
+            raise ValueError(f"FieldRef of field {self.field_id!r}: store_id "
+                             f"{self.store_id!r} is not a store identity")
         if isinstance(self.version, bool) or not isinstance(self.version, int) \
                 or self.version < 0:
             raise ValueError(f"FieldRef of field {self.field_id!r}: version must be a whole "
@@ -153,17 +208,41 @@ class FieldRef:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
+    def reader(self) -> StoreReader:
+        """How this process reads the store: directly (a store it made, a local directory or
+        one its producer serves that this host sees, confined to the store's root), or
+        through the producer's application server. Inside a coupling session a ref must name
+        an application of the session and the store it serves; elsewhere only local
+        directories (and memory://) are read. Raises :class:`RefRefusedError` otherwise."""
+        if getattr(self, "_made_here", False):
+            return direct_reader(self.store_url)
+        if ref_resolver is not None:
+            return ref_resolver(self)  # type: ignore[no-any-return]
+        if _is_local(self.store_url) or self.store_url.startswith("memory://"):
+            return direct_reader(self.store_url)
+        raise RefRefusedError(
+            f"field {self.field_id!r} version {self.version}: refusing to read "
+            f"{self.store_url!r}: outside a coupling session only local stores are read")
+
     def open(self) -> Any:
-        """The values as a read-only zarr array: index it to read only the chunks you need."""
+        """The values as a read-only zarr array: index it to read only the chunks you need
+        (through a producer's server, only those chunks travel)."""
         import zarr
 
-        return zarr.open_array(_zarr_store(self.store_url), path=self.array_path, mode="r")
+        return zarr.open_array(self.reader().zarr_store(), path=self.array_path, mode="r")
 
     def to_dask(self) -> Any:
         """The values as a lazy dask array, one task per chunk."""
         import dask.array as da
 
         return da.from_zarr(self.open())
+
+    def open_dataset(self) -> Any:
+        """The version as a lazy xarray Dataset, with its coordinates (needs ``xarray``)."""
+        import xarray
+
+        return xarray.open_zarr(self.reader().zarr_store(), group=self.group_path,
+                                consolidated=False)
 
     def read(self, out: np.ndarray | None = None) -> np.ndarray:
         """All values, read chunk by chunk straight from the store: into ``out`` when given (a
@@ -177,13 +256,15 @@ class FieldRef:
                 f"{np.dtype(self.dtype)}, got shape {out.shape} and dtype {out.dtype}"
                 f"{'' if out.flags.c_contiguous else ', not C-contiguous'}"
                 f"{'' if out.flags.writeable else ', read-only'}")
-        if _is_local(self.store_url):
-            fast = _read_local_chunks(_local_path(self.store_url) / self.array_path, out)
-            if fast is not None:
-                return fast
-        array = self.open()
+        reader = self.reader()
+        fast = _read_plain(reader, self.array_path, out)
+        if fast is not None:
+            return fast
+        import zarr
+
+        array = zarr.open_array(reader.zarr_store(), path=self.array_path, mode="r")
         if out is None:
-            return array[...]
+            return np.asarray(array[...])
         for slab in _slabs(self.shape, self.chunks):
             out[slab] = array[slab]
         return out
@@ -191,7 +272,7 @@ class FieldRef:
     def load_mesh(self) -> Mesh:
         """The field's mesh (an unstructured one is read from the store)."""
         if self.mesh.get("kind") == "stored":
-            return _read_mesh(self.store_url, self.mesh["path"])
+            return _read_mesh(self.reader().zarr_store(), self.mesh["path"])
         return Mesh.from_wire(self.mesh)
 
     def to_field(self, out: np.ndarray | None = None) -> Field:
@@ -205,25 +286,50 @@ class FieldRef:
                 "version": self.version, "shape": list(self.shape), "dtype": self.dtype,
                 "chunks": list(self.chunks), "mesh": dict(self.mesh),
                 "value_type": self.value_type, "units": self.units, "time": self.time,
-                "location": self.location, "metadata": dict(self.metadata)}
+                "location": self.location, "metadata": dict(self.metadata),
+                "producer": self.producer, "store_id": self.store_id}
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> FieldRef:
         values = dict(data)
+        unknown = sorted(map(str, set(values) - _REF_KEYS))
+        if unknown:
+            raise ValueError(f"a FieldRef has no {', '.join(unknown)}")
         for key in ("shape", "chunks"):
             values[key] = tuple(values[key])
         return cls(**values)
 
+    def _mark_made_here(self) -> FieldRef:
+        """Note that this process made the ref from its own FieldStore (not carried on the
+        wire): it is read from that store directly."""
+        object.__setattr__(self, "_made_here", True)
+        return self
+
 
 class FieldStore:
-    """Field versions below one root: a directory (also ``/dev/shm/...``) or an fsspec URL."""
+    """Field versions below one root: a directory (also ``/dev/shm/...``) or an fsspec URL.
 
-    def __init__(self, url: str | os.PathLike[str], *, chunk_bytes: int = CHUNK_BYTES) -> None:
+    ``producer`` names the application that serves the store in a coupling session; its
+    refs carry it, and the store's identity (``store_id``, made with the store's root), so
+    a reader on another host can tell whether the directory it sees at that path is this
+    store or merely has its name."""
+
+    def __init__(self, url: str | os.PathLike[str], *, chunk_bytes: int = CHUNK_BYTES,
+                 producer: str = "") -> None:
         text = os.fspath(url)
         self.local = _is_local(text)
         self.url = str(_local_path(text)) if self.local else text
         self.chunk_bytes = chunk_bytes
+        if producer and not _PRODUCER.fullmatch(producer):
+            raise ValueError(f"FieldStore producer {producer!r} is not an application name")
+        self.producer = producer
         self._groups: set[str] = set()  # the groups this store has made or found
+        if self.local:
+            _local_path(self.url).mkdir(parents=True, exist_ok=True)
+        _create_exclusive(self.url, "zarr.json", _group_json({"store_id": uuid.uuid4().hex}))
+        self._groups.add("")
+        found = self._attributes_at("zarr.json").get("store_id", "")
+        self.store_id = found if isinstance(found, str) and _STORE_ID.fullmatch(found) else ""
         if self.local:
             _clean_staging(_local_path(self.url) / _STAGING)
             self._ensure_groups_once(_STAGING)  # a group, so zarr sees no stray folder
@@ -268,7 +374,7 @@ class FieldStore:
             return self._same_or_conflict(field, values, winner)
         return FieldRef(self.url, field_id, version, values.shape, values.dtype.str, chunks,
                         mesh, field.value_type, field.units, field.time, field.location,
-                        dict(field.metadata))
+                        dict(field.metadata), self.producer, self.store_id)._mark_made_here()
 
     def _publish(self, staging: Path, field_id: str) -> int:
         """Rename a fully written staging group to the next free version name."""
@@ -420,7 +526,8 @@ class FieldStore:
             np.dtype(array["data_type"]).str,
             tuple(array["chunk_grid"]["configuration"]["chunk_shape"]), attributes["mesh"],
             attributes["value_type"], attributes["units"], attributes["time"],
-            attributes["location"], attributes.get("metadata", {}))
+            attributes["location"], attributes.get("metadata", {}), self.producer,
+            self.store_id)._mark_made_here()
 
     def get(self, field_id: str, version: int | None = None, *,
             time: float | None = None) -> Field:
@@ -694,10 +801,11 @@ def _write_mesh(path: str, mesh: UnstructuredMesh, *, exists: bool = False) -> N
         group.require_array(name, shape=data.shape, dtype=data.dtype)[...] = data
 
 
-def _read_mesh(url: str, path: str) -> UnstructuredMesh:
+def _read_mesh(store: Any, path: str) -> UnstructuredMesh:
+    """The unstructured mesh at ``path`` of the zarr store ``store``."""
     import zarr
 
-    group = zarr.open_group(_zarr_store(f"{url.rstrip('/')}/{path}"), mode="r")
+    group = zarr.open_group(store, path=path, mode="r")
     cells = {name.removeprefix("cells-"): array[...] for name, array in group.arrays()
              if name.startswith("cells-")}
     vertices = group["vertices"]
@@ -816,66 +924,236 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-# --- the fast path: uncompressed chunks of a local store, read and written directly ---------
+# --- reading a store: confined to its root, and the fast path for plain chunks ------------
 
-def _plain_layout(array_dir: Path) -> tuple[dict[str, Any], list[tuple[str, int, int]]] | None:
-    """For an uncompressed array chunked along its first axis in native byte order, the chunk
-    files with the byte range of the C-ordered values each holds; None for any other layout."""
+def direct_reader(url: str) -> Any:
+    """The reader of a store this process opens itself: a local directory (confined to its
+    root, see :class:`ConfinedDirectory`) or an fsspec URL."""
+    if _is_local(url):
+        return ConfinedDirectory(url)
+    return FsspecReader(url)
+
+
+def check_key(key: Any) -> str:
+    """``key`` if it names something below a store root (``a/b/zarr.json``), else
+    RefRefusedError: no absolute paths, no empty, ``.`` or ``..`` parts, no NUL."""
+    if not isinstance(key, str) or len(key) > 4096 or "\0" in key or key.startswith("/") \
+            or any(part in ("", ".", "..") for part in key.split("/")):
+        raise RefRefusedError(f"{str(key)[:200]!r} is not a key inside a field store")
+    return key
+
+
+class ConfinedDirectory:
+    """Read-only access to the files below a store's root directory, never outside it: a
+    key's file is opened without following a final symbolic link, and refused unless the
+    opened file is a regular file whose real path is inside the root (so a chunk that is a
+    symbolic link to ``/etc/shadow``, or a directory of the store that is one, is refused,
+    and a FIFO cannot make a reader hang)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = str(_local_path(url))
+        self.root = os.path.realpath(self.url)
+
+    def __repr__(self) -> str:
+        return f"ConfinedDirectory({self.url!r})"
+
+    def open(self, key: str) -> int:
+        """A file descriptor of ``key``'s file (FileNotFoundError if there is none)."""
+        path = os.path.join(self.root, check_key(key))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RefRefusedError(f"{key} in the store {self.url} is a symbolic link; "
+                                      "refused") from None
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+                raise FileNotFoundError(path) from None
+            raise
+        try:
+            real = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") \
+                else os.path.realpath(path)
+            if not real.startswith(self.root + os.sep):
+                raise RefRefusedError(f"{key} in the store {self.url} leads outside it (to "
+                                      f"{real}); refused")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RefRefusedError(f"{key} in the store {self.url} is not a regular file; "
+                                      "refused")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def get(self, key: str, start: int | None = None, end: int | None = None,
+            suffix: int | None = None) -> bytearray | None:
+        try:
+            fd = self.open(key)
+        except FileNotFoundError:
+            return None
+        with open(fd, "rb", buffering=0, closefd=True) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            first = max(0, size - suffix) if suffix is not None else (start or 0)
+            last = size if end is None else min(end, size)
+            handle.seek(first)
+            return _read_exactly(handle, max(0, last - first))
+
+    def read_into(self, key: str, target: memoryview) -> int:
+        try:
+            fd = self.open(key)
+        except FileNotFoundError:
+            return 0
+        with open(fd, "rb", buffering=0, closefd=True) as handle:
+            done = 0
+            while done < target.nbytes:
+                got = handle.readinto(target[done:])
+                if not got:
+                    raise OSError(f"{key} in the store {self.url} is shorter than "
+                                  f"{target.nbytes} bytes")
+                done += got
+            return done
+
+    def list_dir(self, prefix: str) -> list[str]:
+        path = os.path.join(self.root, check_key(prefix)) if prefix else self.root
+        real = os.path.realpath(path)
+        if real != self.root and not real.startswith(self.root + os.sep):
+            raise RefRefusedError(f"{prefix} in the store {self.url} leads outside it")
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def zarr_store(self) -> Any:
+        from gridcouple.appkit.readonly import ReaderStore
+
+        return ReaderStore(self)
+
+
+def _read_exactly(handle: Any, size: int) -> bytearray:
+    data = bytearray(size)
+    with memoryview(data) as view:
+        done = 0
+        while done < size:
+            got = handle.readinto(view[done:])
+            if not got:
+                break
+            done += got
+    del data[done:]
+    return data
+
+
+class FsspecReader:
+    """A store at an fsspec URL (memory://, s3://), read as the URL's file system allows."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _fs(self) -> tuple[Any, str]:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.url)
+        return fs, root.rstrip("/")
+
+    def get(self, key: str, start: int | None = None, end: int | None = None,
+            suffix: int | None = None) -> bytes | None:
+        fs, root = self._fs()
+        try:
+            data = fs.cat_file(f"{root}/{check_key(key)}")
+        except FileNotFoundError:
+            return None
+        if suffix is not None:
+            return bytes(data[max(0, len(data) - suffix):])
+        return bytes(data[start or 0: end])
+
+    def read_into(self, key: str, target: memoryview) -> int:
+        data = self.get(key, 0, target.nbytes)
+        if not data:
+            return 0
+        target[:len(data)] = data
+        return len(data)
+
+    def list_dir(self, prefix: str) -> list[str]:
+        return _list_dir(self.url, check_key(prefix) if prefix else "")
+
+    def zarr_store(self) -> Any:
+        import zarr
+
+        return zarr.storage.FsspecStore.from_url(self.url, read_only=True)
+
+
+def _plain_layout(meta: Mapping[str, Any]) -> list[tuple[str, int, int]] | None:
+    """For an uncompressed array chunked along its first axis in native byte order (its
+    ``zarr.json`` is ``meta``), the chunk keys (below the array) with the byte range of the
+    C-ordered values each holds; None for any other layout."""
     try:
-        meta = json.loads((array_dir / "zarr.json").read_text())
-    except FileNotFoundError:
+        shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+        codecs = meta["codecs"]
+        if (len(codecs) != 1 or codecs[0]["name"] != "bytes"
+                or codecs[0].get("configuration", {}).get("endian", sys.byteorder)
+                != sys.byteorder
+                or meta["chunk_key_encoding"] != {"name": "default",
+                                                  "configuration": {"separator": "/"}}
+                or not shape or list(chunks[1:]) != list(shape[1:]) or chunks[0] < 1):
+            return None
+        itemsize = np.dtype(meta["data_type"]).itemsize
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
-    shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
-    codecs = meta["codecs"]
-    if (len(codecs) != 1 or codecs[0]["name"] != "bytes"
-            or codecs[0].get("configuration", {}).get("endian", sys.byteorder) != sys.byteorder
-            or meta["chunk_key_encoding"] != {"name": "default",
-                                              "configuration": {"separator": "/"}}
-            or not shape or list(chunks[1:]) != list(shape[1:])):
-        return None
-    itemsize = np.dtype(meta["data_type"]).itemsize
     row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
     tail = "/0" * (len(shape) - 1)
     pieces = []
     for index, start in enumerate(range(0, shape[0], chunks[0])):
         rows = min(chunks[0], shape[0] - start)
         pieces.append((f"c/{index}{tail}", start * row_bytes, rows * row_bytes))
-    return meta, pieces
+    return pieces
 
 
-def _read_local_chunks(array_dir: Path, out: np.ndarray | None = None) -> np.ndarray | None:
-    layout = _plain_layout(array_dir)
-    if layout is None:
+def _read_plain(reader: Any, array_path: str, out: np.ndarray | None = None,
+                threads: int = IO_THREADS) -> np.ndarray | None:
+    """All values of the array at ``array_path`` read chunk by chunk straight into their
+    slab of ``out`` (a new array when None), by ``threads`` threads: no zarr decoding, no
+    copy. None when the reader cannot (an fsspec store) or the layout is not plain."""
+    if not hasattr(reader, "read_into"):
         return None
-    meta, pieces = layout
+    raw = reader.get(f"{array_path}/zarr.json")
+    if raw is None:
+        raise FileNotFoundError(f"{reader.url}: no array {array_path}")
+    meta = json.loads(raw)
+    pieces = _plain_layout(meta)
+    if pieces is None:
+        return None
     if out is None:
         out = np.empty(meta["shape"], dtype=np.dtype(meta["data_type"]))
+    elif list(out.shape) != list(meta["shape"]) or out.dtype != np.dtype(meta["data_type"]):
+        raise ValueError(f"{reader.url}: {array_path} holds {meta['data_type']} of shape "
+                         f"{tuple(meta['shape'])}, not {out.dtype} of shape {out.shape}")
     view = out.reshape(-1).view(np.uint8).data
 
     def read(piece: tuple[str, int, int]) -> None:
         key, offset, size = piece
         target = view[offset: offset + size]
-        try:
-            with open(array_dir / key, "rb", buffering=0) as handle:
-                done = 0
-                while done < size:
-                    got = handle.readinto(target[done:])
-                    if not got:
-                        raise OSError(f"chunk {array_dir / key} is shorter than {size} bytes")
-                    done += got
-        except FileNotFoundError:  # zarr leaves chunks that are all fill value unwritten
+        if reader.read_into(f"{array_path}/{key}", target) == 0:
+            # zarr leaves chunks that are all fill value unwritten
             np.frombuffer(target, dtype=out.dtype)[:] = meta["fill_value"]
 
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        list(pool.map(read, pieces))
+    if threads <= 1 or len(pieces) == 1:
+        for piece in pieces:
+            read(piece)
+    else:
+        with ThreadPoolExecutor(min(threads, len(pieces))) as pool:
+            list(pool.map(read, pieces))
     return out
 
 
+def _local_layout(array_dir: Path) -> list[tuple[str, int, int]] | None:
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_text())
+    except FileNotFoundError:
+        return None
+    return _plain_layout(meta)
+
+
 def _write_local_chunks(array_dir: Path, values: np.ndarray, chunks: tuple[int, ...]) -> bool:
-    layout = _plain_layout(array_dir)
-    if layout is None:
+    pieces = _local_layout(array_dir)
+    if pieces is None:
         return False
-    _, pieces = layout
     flat = values.reshape(-1).view(np.uint8).data
     chunk_bytes = pieces[0][2] if pieces else 0
 

@@ -227,8 +227,9 @@ class Channel:
             if sent:
                 views[0] = views[0][sent:]
 
-    def receive(self) -> Any:
-        """Receive one frame and decode it; arrays land in freshly allocated numpy memory.
+    def receive(self, into: memoryview | None = None) -> Any:
+        """Receive one frame and decode it; arrays land in freshly allocated numpy memory, the
+        first one in ``into`` when given and large enough (it is then a view of ``into``).
         ValueError for a frame that does not decode (the channel stays in step)."""
         header_length, count = _PREFIX.unpack(self._take(_PREFIX.size))
         self._check_claim(_PREFIX.size + 8 * count + header_length, header_length, count)
@@ -236,8 +237,12 @@ class Channel:
         self._check_claim(_PREFIX.size + 8 * count + header_length + sum(lengths),
                           header_length, count)
         header = self._take(header_length)
-        buffers = []
+        buffers: list[Any] = []
         for length in lengths:
+            if into is not None and not buffers and length <= into.nbytes:
+                self.receive_into(into[:length])
+                buffers.append(into[:length])
+                continue
             try:
                 target = np.empty(length, dtype=np.uint8)
             except MemoryError:
@@ -267,7 +272,14 @@ class Channel:
             done += got
 
     def has_buffered(self) -> bool:
-        return self._end > self._start
+        return self._end > self._start or (isinstance(self.sock, ssl.SSLSocket)
+                                           and self.sock.pending() > 0)
+
+    def take_buffered(self) -> bytes:
+        """What was received but not yet taken (to hand the socket over to a byte pump)."""
+        data = bytes(self._buffer[self._start: self._end])
+        self._start = self._end = 0
+        return data
 
     def _take(self, size: int) -> bytes:
         if self._end - self._start < size:
@@ -602,16 +614,25 @@ def _peer_text(address: Any) -> str:
 
 # --- serving ------------------------------------------------------------------------------
 
+FIELDS_PEER = "fields:"  # the name prefix of a peer that reads fields only
+
+
 class ObjectServer:
     """Serves the public methods of ``target`` to authenticated peers, one thread per
     connection. ``stopped`` is set after a call named in ``stop_after`` returns. ``limits``
-    (default :meth:`Limits.from_env`) bound what a peer may make it hold."""
+    (default :meth:`Limits.from_env`) bound what a peer may make it hold.
+
+    ``fields`` is ``(token, service)``: a peer that introduces itself as ``fields:NAME``
+    and knows that token is served ``service`` (the store reads of
+    :class:`gridcouple.appkit.remote.StoreService`) and nothing else."""
 
     def __init__(self, target: Any, token: str, *, host: str = "127.0.0.1", port: int = 0,
                  stop_after: Sequence[str] = ("terminate",),
-                 tls: ssl.SSLContext | None = None, limits: Limits | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, limits: Limits | None = None,
+                 fields: tuple[str, Any] | None = None) -> None:
         self.target = target
         self.token = token
+        self.fields = fields
         self.tls = tls
         self.limits = limits or Limits.from_env()
         self.stop_after = set(stop_after)
@@ -638,54 +659,77 @@ class ObjectServer:
         self.stopped.set()
         self.acceptor.stop()
 
+    def _token_for(self, name: str) -> str | None:
+        if name.startswith(FIELDS_PEER):
+            return self.fields[0] if self.fields is not None else None
+        return self.token
+
     def _serve(self, sock: socket.socket) -> None:
         peer = _peer_of(sock)
         try:
             sock = accept_tls(sock, self.tls)
             channel = Channel(sock, self.limits.max_frame)
-            accept_handshake(channel, lambda _name: self.token)
+            name = accept_handshake(channel, self._token_for)
         except (OSError, TransportError) as exc:
             self._refusals.warn("refused a connection from %s: %s", peer, exc)
             sock.close()
             return
-        with channel.sock:
-            while True:
-                try:
-                    request = channel.receive()
-                except (OSError, TransportError, ValueError) as exc:
-                    if not isinstance(exc, ConnectionLostError):
-                        log.warning("closing the connection from %s: %s", peer, exc)
-                    return
-                method = request[0] if _is_request(request) else None
-                reply = self._call(request)
-                try:
-                    parts = frame(reply, channel.max_frame)
-                except (TypeError, FrameTooLargeError) as exc:  # a result we cannot send
-                    parts = frame(_error_reply(type(exc)(f"the result of {method} cannot be "
-                                                         f"sent: {exc}")))
-                try:
-                    channel.send_parts(parts)
-                except OSError as exc:
-                    log.warning("closing the connection from %s: %s", peer, exc)
-                    return
-                if method in self.stop_after:
-                    self.stopped_by = method
-                    self.stopped.set()
+        if name.startswith(FIELDS_PEER) and self.fields is not None:
+            serve_channel(channel, self.fields[1], peer)
+        else:
+            self.serve(channel, peer)
 
-    def _call(self, request: Any) -> list[Any]:
-        try:
-            if not _is_request(request):
-                raise TypeError("a request is [method, [arguments], {keyword arguments}], got "
-                                f"{str(request)[:200]}")
-            method, args, kwargs = request
-            if method.startswith("_"):
-                raise AttributeError(f"{method!r} is not a public method")
-            function = getattr(self.target, method)
-            if not callable(function):
-                raise AttributeError(f"{method!r} is not a method")
-            return [0, function(*args, **kwargs)]
-        except Exception as exc:
-            return _error_reply(exc)
+    def serve(self, channel: Channel, peer: str) -> None:
+        """Answer the calls that come over an authenticated ``channel`` until it closes."""
+        method = serve_channel(channel, self.target, peer, stop_after=self.stop_after)
+        if method is not None:
+            self.stopped_by = method
+            self.stopped.set()
+
+
+def serve_channel(channel: Channel, target: Any, peer: str,
+                  stop_after: Sequence[str] | set[str] = ()) -> str | None:
+    """Answer calls of ``target``'s public methods over ``channel`` until it closes, or until
+    a call named in ``stop_after`` has been answered (its name is returned then)."""
+    with channel.sock:
+        while True:
+            try:
+                request = channel.receive()
+            except (OSError, TransportError, ValueError) as exc:
+                if not isinstance(exc, ConnectionLostError):
+                    log.warning("closing the connection from %s: %s", peer, exc)
+                return None
+            method = request[0] if _is_request(request) else None
+            reply = call_method(target, request)
+            try:
+                parts = frame(reply, channel.max_frame)
+            except (TypeError, FrameTooLargeError) as exc:  # a result we cannot send
+                parts = frame(_error_reply(type(exc)(f"the result of {method} cannot be "
+                                                     f"sent: {exc}")))
+            try:
+                channel.send_parts(parts)
+            except OSError as exc:
+                log.warning("closing the connection from %s: %s", peer, exc)
+                return None
+            if method in stop_after:
+                return method
+
+
+def call_method(target: Any, request: Any) -> list[Any]:
+    """The reply to one request: ``[0, result]`` or ``[1, {type, message, traceback}]``."""
+    try:
+        if not _is_request(request):
+            raise TypeError("a request is [method, [arguments], {keyword arguments}], got "
+                            f"{str(request)[:200]}")
+        method, args, kwargs = request
+        if method.startswith("_"):
+            raise AttributeError(f"{method!r} is not a public method")
+        function = getattr(target, method)
+        if not callable(function):
+            raise AttributeError(f"{method!r} is not a method")
+        return [0, function(*args, **kwargs)]
+    except Exception as exc:
+        return _error_reply(exc)
 
 
 class WarningThrottle:
@@ -756,7 +800,7 @@ class ApplicationProxy:
                  on_lost: Callable[[Exception], Exception] | None = None,
                  check_alive: Callable[[], None] | None = None,
                  poll_interval: float = 0.5, tls: ssl.SSLContext | None = None,
-                 call_timeout: float | None = None) -> None:
+                 call_timeout: float | None = None, channel: Channel | None = None) -> None:
         self._endpoint = endpoint
         self.call_timeout = call_timeout
         self._name = name
@@ -765,7 +809,9 @@ class ApplicationProxy:
         self._poll_interval = poll_interval
         self._lock = threading.Lock()
         self._lost: Exception | None = None
-        self._channel: Channel | None = None
+        self._channel: Channel | None = channel
+        if channel is not None:  # authenticated already (the server dialled us)
+            return
         try:
             self._channel = connect(endpoint, token, tls=tls)
         except AuthenticationError:

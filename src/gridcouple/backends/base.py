@@ -117,8 +117,9 @@ class Backend(abc.ABC):
 
     def field_store_base(self) -> str | None:
         """A directory of this machine under which application servers of this backend can
-        keep field versions that every other application of a session reads; None when there
-        is no such place (the coupler then needs ``[coupler] field_store``)."""
+        keep field versions that every other application of a session reads directly; None
+        when there is no such place: then each application server keeps its versions in its
+        own host's scratch and serves them to the others (gridcouple.appkit.remote)."""
         return None
 
     def close(self) -> None:

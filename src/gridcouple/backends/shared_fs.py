@@ -101,5 +101,9 @@ class SharedFileSystem:
         return copied
 
     def field_store_base(self) -> str | None:
-        """Below the state directory, which the jobs share."""
-        return str(self.state_dir / "fields")
+        """None: each application server keeps its field versions in its own node's memory
+        (/dev/shm) and serves them; a reader on the same node opens them directly, one on
+        another node reads the chunks it needs through the producer's server (no version
+        goes through the shared file system, often the slowest one on a cluster). ``[coupler]
+        field_store`` puts them in one shared place instead."""
+        return None

@@ -13,14 +13,25 @@ partner's machine; each backend gets one submission per ``allocate_many``.
 
 How an application server reaches us: the backend starts ``python -m gridcouple.appkit.server``
 (with the backend's ``python``) with a per-application secret in its environment. The server
-registers its direct endpoint with the coupler's registry (an authenticated TCP connection that
-stays open for the server's life), then joins the dask scheduler under the job's name in the
-background. Method calls go over the direct channel, not through dask (see docs/coupler.md for
-why and the figures).
+dials the coupler's registry and registers (its endpoint, host and field store) on a
+connection that stays open for its life (the control connection); then it joins the dask
+scheduler under the job's name in the background. Every connection between the coupler and a
+server is dialled by the server: for calls, and for reading its field store, the coupler asks
+it over the control connection to dial back. So a server on a host that accepts no inbound
+connection couples as well as any; only the coupler's registry must be reachable. Method calls
+go over these direct channels, not through dask (see docs/coupler.md for why and the figures).
+
+The registry also answers the servers' questions about each other (``lookup``: where an
+application runs, the store it serves) and relays field reads to a producer that readers cannot
+reach directly (see :mod:`gridcouple.appkit.remote`).
 
 Failure is never a hang: a call waiting on a server that died raises
 :class:`ApplicationFailedError` naming the application, the job, its native state and the last
-lines of its stderr. Leaving the ``with`` block terminates the applications and ends every job.
+lines of its stderr. The coupler pings every server each second over its control connection;
+one that has not answered for ``heartbeat_timeout`` seconds (its host vanished, its network
+cut) is reported as :class:`ApplicationUnreachableError`. A server that hears nothing from the
+coupler for ``coupler_silence`` seconds ends itself. Leaving the ``with`` block terminates the
+applications and ends every job.
 """
 
 from __future__ import annotations
@@ -45,7 +56,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridcouple.appkit.server import JOIN_HANDLER, SCHEDULER_TLS_ENV, TLS_ENV, join_proof
+from gridcouple.appkit import remote
+from gridcouple.appkit.server import (
+    COUPLER_SILENCE,
+    HEARTBEAT_ENV,
+    HEARTBEAT_INTERVAL,
+    JOIN_HANDLER,
+    SCHEDULER_TLS_ENV,
+    TLS_ENV,
+    join_proof,
+)
 from gridcouple.appkit.store import new_scratch_root
 from gridcouple.appkit.transport import (
     TOKEN_ENV,
@@ -73,6 +93,8 @@ STDERR_TAIL = 20
 FAILURE_REPORT_WAIT = 3.0  # seconds to wait for the backend to see a lost server end
 STATUS_INTERVAL = 1.0  # least seconds between backend queries while a call waits
 TERMINATE_WAIT = 5.0
+HEARTBEAT_TIMEOUT = 5.0  # seconds without a pong before a server counts as unreachable
+DIAL_BACK_TIMEOUT = 10.0  # seconds a server has to dial back when asked
 DASK_LOGGERS = ("distributed",)  # quiet below WARNING unless the coupler is verbose
 _MISSING_MODULE = re.compile(r"No module named '([^']+)'")
 
@@ -87,6 +109,11 @@ class ApplicationStartError(ApplicationError):
 
 class ApplicationFailedError(ApplicationError):
     """An application server went away while in use."""
+
+
+class ApplicationUnreachableError(ApplicationFailedError):
+    """An application server stopped answering the coupler's heartbeat: its host vanished or
+    the network to it was cut (no connection was closed)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +142,28 @@ class _Member:
     gone: threading.Event = field(default_factory=threading.Event)
     proxy: ApplicationProxy | None = None
     last_status_check: float = 0.0
+    host: str = ""
+    pid: int | None = None
+    store: str = ""
+    store_id: str = ""
+    control: Channel | None = None  # the connection the server registered on
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    last_seen: float = 0.0  # time.monotonic() of its last word on the control connection
+    lost: str = ""  # why it is gone, once it is
+    unreachable: bool = False  # gone silently (no heartbeat), not by a closed connection
+
+    def info(self) -> remote.MemberInfo:
+        return remote.MemberInfo(self.name, self.host, self.endpoint or "", self.store,
+                                 self.store_id, self.gone.is_set())
+
+
+@dataclass
+class _Ticket:
+    """A connection the coupler asked a server to dial back, until it arrives."""
+
+    name: str
+    arrived: threading.Event = field(default_factory=threading.Event)
+    channel: Channel | None = None
 
 
 class Coupler:
@@ -145,8 +194,15 @@ class Coupler:
         self._refusals = WarningThrottle()  # a flood of bad registrations logs a few lines
         self._scheduler_members: dict[str, dict[str, Any]] = {}
         self._scheduler_client_kwargs: dict[str, Any] = {}
-        self._store_roots: dict[str, str] = {}  # field store root by backend name
+        self._store_roots: dict[str, str | None] = {}  # field store root by backend name
         self._own_stores: list[str] = []
+        self._tickets: dict[str, _Ticket] = {}
+        self._relays: list[socket.socket] = []
+        self._closing = threading.Event()
+        self.heartbeat_interval = HEARTBEAT_INTERVAL  # seconds between pings to each server
+        self.heartbeat_timeout = HEARTBEAT_TIMEOUT  # silence after which a server is lost
+        self.coupler_silence = COUPLER_SILENCE  # silence after which a server ends itself
+        self._reader = remote.SessionReader(self._member_info, self._open_fields)
         self.security_kwargs = self._security_kwargs()
         self._tls = tls_contexts(self.security_kwargs)  # the direct channels' (server, client)
 
@@ -175,8 +231,11 @@ class Coupler:
     def start(self) -> None:
         """Open the default backend, the registry and the dask scheduler."""
         self.backend_for(None)
+        self._closing.clear()
         self._start_registry()
         self._start_scheduler()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        remote.install(self._reader)
 
     @property
     def backend(self) -> Backend:
@@ -223,6 +282,8 @@ class Coupler:
     def close(self) -> None:
         """Terminate every application, end every job, stop the scheduler. Safe to repeat."""
         members = list(self._members.values())
+        self._closing.set()
+        remote.uninstall(self._reader)
         self._terminate_applications(members)
         by_backend: dict[str, list[Job]] = defaultdict(list)
         for member in members:
@@ -235,6 +296,10 @@ class Coupler:
                 member.proxy.close()
         self._members.clear()
         self._stop_registry()
+        for sock in self._relays:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._relays.clear()
         self._stop_scheduler()
         for root in self._own_stores:
             shutil.rmtree(root, ignore_errors=True)
@@ -292,13 +357,26 @@ class Coupler:
                 members[index].job = job
         self._wait_joined(members)
         for member in members:
+            try:
+                channel = self._dial_back(member, "app")
+            except TransportError as exc:
+                why = f"registered but did not dial back for calls ({exc})"
+                raise ApplicationStartError(self._describe(member, None, why)) from None
             member.proxy = ApplicationProxy(
                 member.endpoint or "", member.token, name=member.name,
                 on_lost=functools.partial(self._failure, member),
                 check_alive=functools.partial(self._check_alive, member),
-                tls=self._tls[1] if self._tls else None,
-                call_timeout=self.config.section("coupler").call_timeout or None)
+                call_timeout=self.config.section("coupler").call_timeout or None,
+                channel=channel)
         return [m.proxy for m in members if m.proxy is not None]
+
+    def where(self, name: str) -> remote.MemberInfo:
+        """Where the application ``name`` runs: its host, endpoint and the field store it
+        serves (URL and identity)."""
+        member = self._members.get(name)
+        if member is None or not member.joined.is_set():
+            raise ApplicationError(f"no application named {name!r} has joined this session")
+        return member.info()
 
     def _new_member(self, request: AppRequest, backend: Backend) -> _Member:
         if not isinstance(request, AppRequest) or not isinstance(request.app, str):
@@ -326,11 +404,14 @@ class Coupler:
 
     def _job_spec(self, member: _Member, request: AppRequest) -> JobSpec:
         host = "127.0.0.1" if _is_loopback(self.settings.host) else "0.0.0.0"
+        root = self._field_store_root(member.backend)
         environment = {
             TOKEN_ENV: member.token,
+            remote.FIELD_TOKEN_ENV: remote.field_token(self._secret),
+            HEARTBEAT_ENV: f"{self.heartbeat_interval:g},{self.coupler_silence:g}",
             "GRIDCOUPLE_COUPLER": self.registry_endpoint,
             "GRIDCOUPLE_SCHEDULER": self.scheduler_address,
-            "GRIDCOUPLE_FIELD_STORE": f"{self._field_store_root(member.backend)}/{member.name}",
+            **({"GRIDCOUPLE_FIELD_STORE": f"{root}/{member.name}"} if root else {}),
             SCHEDULER_TLS_ENV: json.dumps(self._scheduler_client_kwargs),
             **({TLS_ENV: json.dumps(self.security_kwargs)} if self.security_kwargs else {}),
             **({} if self.verbose else {"DASK_LOGGING__DISTRIBUTED": "warning"}),
@@ -389,7 +470,8 @@ class Coupler:
     def _check_alive(self, member: _Member) -> None:
         """Called while a call waits: raise when the server is known to be gone."""
         if member.gone.is_set():
-            raise self._failure(member, TransportError("its registration connection closed"))
+            raise self._failure(member, TransportError(
+                member.lost or "its registration connection closed"))
         now = time.monotonic()
         interval = max(STATUS_INTERVAL, member.backend.backoff.most)
         if member.job is not None and now - member.last_status_check >= interval:
@@ -403,12 +485,21 @@ class Coupler:
         job end, so the message carries its final state and stderr."""
         status = None
         if member.job is not None:
-            deadline = time.monotonic() + FAILURE_REPORT_WAIT
+            # An unreachable server's job looks alive to its batch system for minutes.
+            deadline = time.monotonic() + (0.0 if member.unreachable else FAILURE_REPORT_WAIT)
             while True:
-                status = member.backend.status([member.job])[0]
+                try:
+                    status = member.backend.status([member.job])[0]
+                except GridcoupleError as exc:
+                    log.warning("%s: no job status: %s", member.name, exc)
+                    break
                 if status.state.is_final or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
+        if member.unreachable:
+            where = f" on {member.host}" if member.host else ""
+            return ApplicationUnreachableError(self._describe(
+                member, status, f"unreachable{where} ({cause})"))
         return ApplicationFailedError(self._describe(member, status, f"failed ({cause})"))
 
     def _describe(self, member: _Member, status: JobStatus | None, what: str) -> str:
@@ -500,16 +591,22 @@ class Coupler:
             accept_connections(self._registry, self._registration, name="registry")
 
     def _registration(self, sock: socket.socket) -> None:
+        """One connection a server dialled: a registration (its control connection), a
+        connection it dialled back (``attach``), a question about another application
+        (``lookup``) or a field read to relay (``relay``)."""
         try:
             sock = accept_tls(sock, self._tls[0] if self._tls else None)
             channel = Channel(sock)
             name = accept_handshake(channel, self._token_of)
-            info = channel.receive()
-            if not (isinstance(info, dict) and isinstance(info.get("endpoint"), str)):
+            message = channel.receive()
+            op = message.get("op", "register") if isinstance(message, dict) else None
+            if op == "register" and not isinstance(message.get("endpoint"), str):
                 raise TransportError(f"{name}: a registration must name its endpoint, got "
-                                     f"{type(info).__name__}")
-            channel.send("ok")
-        except (OSError, TransportError) as exc:
+                                     f"{type(message).__name__}")
+            if op not in ("register", "attach", "lookup", "relay"):
+                raise TransportError(f"{name}: not a request of the registry: "
+                                     f"{str(message)[:100]}")
+        except (OSError, TransportError, ValueError) as exc:
             self._refusals.warn("refused an application server registration: %s", exc)
             sock.close()
             return
@@ -517,12 +614,140 @@ class Coupler:
         if member is None:
             channel.close()
             return
-        self._registry_channels.append(channel)
+        try:
+            if op == "register":
+                self._register(member, channel, message)
+            elif op == "attach":
+                self._attach(member, channel, message)
+            elif op == "lookup":
+                with channel.sock:
+                    found = self._member_info(str(message.get("name")))
+                    channel.send(found.to_wire() if found is not None else None)
+            else:
+                self._relay(member, channel, message)
+        except (OSError, TransportError) as exc:
+            log.warning("registry: %s (%s): %s", name, op, exc)
+            channel.close()
+
+    def _register(self, member: _Member, channel: Channel, info: dict[str, Any]) -> None:
+        """Keep the control connection: note the server's pongs until it closes."""
+        if member.control is not None:
+            raise TransportError(f"{member.name} is registered already")
         member.endpoint = info["endpoint"]
+        member.host = str(info.get("host") or "")
+        member.pid = info.get("pid") if isinstance(info.get("pid"), int) else None
+        member.store = str(info.get("store") or "")
+        member.store_id = str(info.get("store_id") or "")
+        member.control = channel
+        member.last_seen = time.monotonic()
+        channel.send("ok")
+        self._registry_channels.append(channel)
         member.joined.set()
-        with contextlib.suppress(OSError, TransportError):
-            channel.receive()  # returns when the server's end closes
+        with contextlib.suppress(OSError, TransportError, ValueError):
+            while True:  # pongs, until the server's end closes (or we shut it)
+                channel.receive()
+                member.last_seen = time.monotonic()
+        member.lost = member.lost or "its control connection closed"
         member.gone.set()
+        self._reader.forget(member.name)
+
+    def _attach(self, member: _Member, channel: Channel, message: dict[str, Any]) -> None:
+        ticket = self._tickets.pop(str(message.get("ticket")), None)
+        if ticket is None or ticket.name != member.name:
+            raise TransportError(f"{member.name} dialled back with a ticket it was not given")
+        ticket.channel = channel
+        ticket.arrived.set()
+
+    def _dial_back(self, member: _Member, role: str,
+                   timeout: float = DIAL_BACK_TIMEOUT) -> Channel:
+        """A new connection from the server ``member`` that serves ``role`` (``app``: its
+        application; ``fields``: its field store), asked for on its control connection."""
+        if member.gone.is_set() or member.control is None:
+            raise TransportError(f"{member.name} has gone ({member.lost or 'not registered'})")
+        name = secrets.token_hex(16)
+        ticket = self._tickets[name] = _Ticket(member.name)
+        try:
+            with member.send_lock:
+                member.control.send({"op": "dial", "ticket": name, "role": role})
+            deadline = time.monotonic() + timeout
+            while not ticket.arrived.wait(0.05):
+                if member.gone.is_set():
+                    raise TransportError(f"{member.name} has gone ({member.lost})")
+                if time.monotonic() > deadline or self._closing.is_set():
+                    raise TransportError(f"{member.name} did not dial back within "
+                                         f"{timeout:g} s")
+        finally:
+            self._tickets.pop(name, None)
+        assert ticket.channel is not None
+        return ticket.channel
+
+    def _relay(self, member: _Member, channel: Channel, message: dict[str, Any]) -> None:
+        """Relay ``member``'s field reads to a producer it cannot reach directly, over a
+        connection the producer dials back: bytes both ways until either end closes."""
+        producer = self._members.get(str(message.get("name")))
+        if producer is None or not producer.joined.is_set():
+            channel.send(f"no application {message.get('name')!r} in this session")
+            channel.close()
+            return
+        try:
+            back = self._dial_back(producer, "fields")
+        except TransportError as exc:
+            channel.send(str(exc))
+            channel.close()
+            return
+        channel.send("ok")
+        for end in (channel.sock, back.sock):
+            end.settimeout(None)
+            self._relays.append(end)
+        other = threading.Thread(target=remote.pump, name="relay",
+                                 args=(channel.sock, back.sock, channel.take_buffered()),
+                                 daemon=True)
+        other.start()
+        remote.pump(back.sock, channel.sock, back.take_buffered())
+        other.join()
+        for end in (channel.sock, back.sock):
+            end.close()
+            with contextlib.suppress(ValueError):
+                self._relays.remove(end)
+
+    def _member_info(self, name: str) -> remote.MemberInfo | None:
+        member = self._members.get(name)
+        if member is None or not member.joined.is_set():
+            return None
+        return member.info()
+
+    def _open_fields(self, info: remote.MemberInfo) -> Channel:
+        """A connection to the store service of the application ``info`` names (dialled
+        back by its server), for reads of its FieldRefs in this process."""
+        member = self._members.get(info.name)
+        if member is None:
+            raise TransportError(f"no application {info.name!r} in this session")
+        return self._dial_back(member, "fields")
+
+    def _heartbeat(self) -> None:
+        """Ping every registered server; one silent for ``heartbeat_timeout`` seconds is
+        unreachable: its calls fail (ApplicationUnreachableError) and its control connection
+        is closed, so it ends itself should it come back."""
+        while not self._closing.wait(self.heartbeat_interval):
+            now = time.monotonic()
+            for member in list(self._members.values()):
+                control = member.control
+                if control is None or member.gone.is_set():
+                    continue
+                silent = now - member.last_seen
+                if silent > self.heartbeat_timeout:
+                    member.lost = (f"no heartbeat for {silent:.1f} s from "
+                                   f"{member.host or 'its host'}")
+                    member.unreachable = True
+                    member.gone.set()
+                    with contextlib.suppress(OSError):
+                        control.sock.shutdown(socket.SHUT_RDWR)
+                    continue
+                try:
+                    with member.send_lock:
+                        control.send({"op": "ping"})
+                except OSError as exc:
+                    member.lost = member.lost or f"its control connection failed: {exc}"
 
     def _token_of(self, name: str) -> str | None:
         member = self._members.get(name)
@@ -638,21 +863,20 @@ class Coupler:
         return {"require_encryption": True, "tls_ca_file": ca, "tls_client_cert": cert,
                 "tls_client_key": key, "tls_scheduler_cert": cert, "tls_scheduler_key": key}
 
-    def _field_store_root(self, backend: Backend) -> str:
+    def _field_store_root(self, backend: Backend) -> str | None:
         """Where the applications of ``backend`` keep field versions: ``[coupler]
         field_store``, else a directory of this session below the backend's own place for
-        them (/dev/shm for the local backend, the shared state directory for a cluster)."""
+        them (/dev/shm for the local backend), else (None: the backend's hosts share no such
+        place) each server keeps its store in its own host's scratch and serves it."""
         if self.settings.field_store:
             return self.settings.field_store.rstrip("/")
         if backend.name not in self._store_roots:
             base = backend.field_store_base()
-            if base is None:
-                raise ConfigError(f"{self.config.where(('coupler', 'field_store'))}: the "
-                                  f"{backend.name} backend has no place for field versions that "
-                                  "every application can read; set one")
-            os.makedirs(base, mode=0o700, exist_ok=True)
-            root = new_scratch_root(base)  # also removes those of dead couplers
-            self._own_stores.append(root)
+            root = None
+            if base is not None:
+                os.makedirs(base, mode=0o700, exist_ok=True)
+                root = new_scratch_root(base)  # also removes those of dead couplers
+                self._own_stores.append(root)
             self._store_roots[backend.name] = root
         return self._store_roots[backend.name]
 
@@ -727,4 +951,4 @@ def _is_loopback(host: str) -> bool:
 
 
 __all__ = ["AppRequest", "ApplicationError", "ApplicationFailedError", "ApplicationStartError",
-           "Coupler"]
+           "ApplicationUnreachableError", "Coupler"]
