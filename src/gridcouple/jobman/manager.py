@@ -314,8 +314,9 @@ class JobManager:
     def events(self, user: str, since: int) -> dict[str, Any]:
         """The user's job events after sequence number ``since`` (at most 1,000)."""
         found = self.queue.journal.events_since(since)
-        if found:
-            self._jobs(user, sorted({job_id for _, job_id, _, _ in found}))  # learn owners
+        unknown = sorted({job_id for _, job_id, _, _ in found} - set(self._owners))
+        if unknown:
+            self._jobs(user, unknown)  # learns their owners
         mine = [{"seq": seq, "id": job_id, "state": state.value, "time": moment}
                 for seq, job_id, state, moment in found if self._owners.get(job_id) == user]
         mine = mine[:1000]
@@ -369,7 +370,8 @@ class JobManager:
                 for r in sorted([*live, *recent], key=lambda r: r.job.id)]
         clients = [{"user": c.user, "address": c.address, "last_seen": c.last_seen,
                     "requests": c.requests, "live_jobs": live_by_user.get(c.user, 0)}
-                   for c in sorted(self.clients.values(), key=lambda c: -c.last_seen)]
+                   for c in sorted(list(self.clients.values()),  # a copy: seen() adds
+                                   key=lambda c: -c.last_seen)]
         return {"max_jobs": self.settings.max_jobs, "over_limit": self.settings.over_limit,
                 "running": running, "waiting": len(live) - running, "jobs": jobs,
                 "clients": clients, "started": self.started, "now": time.time()}
