@@ -14,7 +14,7 @@ import pytest
 
 from gridcouple.backends import open_backend
 from gridcouple.config import load_config
-from gridcouple.coupler import Coupler
+from gridcouple.coupler import AppRequest, Coupler
 from gridcouple.errors import BackendError, ConfigError
 from gridcouple.jobman.launch import toml_table
 from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
@@ -223,3 +223,19 @@ def _recent(path: str) -> bool:
         return time.time() - os.stat(path).st_mtime < 60
     except OSError:
         return False
+
+
+def test_one_session_on_two_job_managers_and_the_local_machine_at_once(tmp_path):
+    """Per-application backends: one allocate_many, one submission per backend."""
+    app = "gridcouple.recipes.weak_coupling:Concentration"
+    with running_jobman(tmp_path / "a") as a, running_jobman(tmp_path / "b") as b:
+        config = client_config(tmp_path, a, b)
+        with Coupler(config) as coupler:
+            proxies = coupler.allocate_many([
+                AppRequest(app, name="on-a", backend="partner-a"),
+                AppRequest(app, name="on-b", backend="partner-b"),
+                AppRequest(app, name="here", backend="local")])
+            assert [p.get_critical_time_step() for p in proxies] == [0.1, 0.1, 0.1]
+        for server, name in ((a, "on-a"), (b, "on-b")):
+            jobs = server.request("GET", "/api/v1/status")[1]["jobs"]
+            assert [j["name"] for j in jobs] == [name]
