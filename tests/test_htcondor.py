@@ -216,7 +216,7 @@ def test_a_job_that_cannot_start_is_failed_with_the_hold_reason(backend):
     assert status.describe().startswith(f"FAILED: HELD (Failed to execute '{script}'")
     assert "No such file or directory" in status.reason and "(HoldReasonCode 6)" in status.reason
     deadline = time.monotonic() + 30  # removed at once, not left held
-    while queue_of(job.native_id.split(".")[0]):
+    while any(ad["JobStatus"] != 3 for ad in queue_of(job.native_id.split(".")[0])):
         assert time.monotonic() < deadline, queue_of(job.native_id.split(".")[0])
         time.sleep(0.3)
 

@@ -18,11 +18,13 @@ and its calls:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import math
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,7 +40,7 @@ from gridcouple.backends.batch import BatchBackend, one_line
 from gridcouple.backends.batch.script import task_ids
 from gridcouple.backends.htcondor.states import FINAL_HOLDS, condor_status, to_job_state
 from gridcouple.errors import BackendError, OptionError, QueryUnavailableError
-from gridcouple.jobs import JobSpec, JobStatus
+from gridcouple.jobs import JobSpec, JobState, JobStatus
 from gridcouple.journal import JobRecord
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,15 @@ _RESERVED = frozenset({
     "executable", "arguments", "initialdir", "log", "output", "error", "universe", "batch_name",
     "transfer_executable", "should_transfer_files", "when_to_transfer_output",
     "transfer_input_files", "transfer_output_files", "preserve_relative_paths",
-    "+gridcoupletag", "submit_event_user_notes", "periodic_remove", "job_max_vacate_time"})
+    "+gridcoupletag", "submit_event_user_notes", "periodic_remove", "job_max_vacate_time",
+    "max_materialize"})
 _ATTRIBUTES = ["ClusterId", "ProcId", "JobStatus", "HoldReason", "HoldReasonCode",
                "LastHoldReason", "LastHoldReasonCode", "RemoveReason", "LastRejMatchReason",
                "ExitCode", "ExitBySignal", "ExitSignal", "QDate", "JobStartDate",
                "CompletionDate", "EnteredCurrentStatus", "RemoteHost", "LastRemoteHost",
                "GridcoupleTag"]
 _PRUNE_AFTER = 3600.0  # seconds a final job stays in events.state (then the history answers)
+_MATERIALIZE_FROM = 100  # procs from which a cluster is materialized late (a faster submit)
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,7 @@ class _Followed:
     rows: dict[str, CondorRow] = field(default_factory=dict)
     reconciled: float = 0.0  # time.time() of the last schedd query
     retrieved: set[str] = field(default_factory=set)  # spooled jobs whose output came back
+    changed: bool = False  # since loaded: to be saved
 
 
 def _configure(options: HTCondorOptions) -> None:
@@ -207,6 +212,16 @@ def _configure(options: HTCondorOptions) -> None:
     if options.condor_config and os.environ.get("CONDOR_CONFIG") != str(options.condor_config):
         os.environ["CONDOR_CONFIG"] = str(options.condor_config)
         htcondor2.reload_config()
+
+
+def schedd_submit(schedd: Any, description: Any, *, spool: bool = False, **kwargs: Any) -> Any:
+    """``Schedd.submit``. The SubmitResult of a submit without spooling drops, when freed, a
+    reference to None it never took (htcondor2 25.14): on Python 3.11, where None is not
+    immortal, a few thousand submits abort the interpreter. That reference is given back."""
+    result = schedd.submit(description, spool=spool, **kwargs)
+    if not spool and sys.version_info < (3, 12):
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(None))
+    return result
 
 
 def _constraint(native_ids: Sequence[str]) -> str:
@@ -312,13 +327,15 @@ class HTCondorBackend(BatchBackend):
                 items.append({"home": str(home), "inputs": ", ".join(inputs)})
         else:
             commands.update(transfer_executable="false", log=str(self.event_log))
+            if count >= _MATERIALIZE_FROM:  # the schedd makes the procs after submit returns
+                commands["max_materialize"] = str(count)
         try:
             schedd = self.schedd
             if items is None:
-                result = schedd.submit(htcondor2.Submit(commands), count=count)
+                result = schedd_submit(schedd, htcondor2.Submit(commands), count=count)
             else:
-                result = schedd.submit(htcondor2.Submit(commands), itemdata=iter(items),
-                                       spool=True)
+                result = schedd_submit(schedd, htcondor2.Submit(commands),
+                                       itemdata=iter(items), spool=True)
                 self._spool(result)
         except (htcondor2.HTCondorException, QueryUnavailableError) as exc:
             raise BackendError(f"Schedd.submit failed: {one_line(str(exc))}") from exc
@@ -357,7 +374,8 @@ class HTCondorBackend(BatchBackend):
     def resolve_gone(self, records: Sequence[JobRecord],
                      native: Mapping[int, str]) -> tuple[dict[int, JobStatus], str]:
         """Jobs the log and the last reconcile do not have: the queue (a log that is missing or
-        was truncated), then the history."""
+        was truncated), then the history. A job submitted lately that neither has yet (its
+        proc not materialized yet, its history record late) is still waiting."""
         wanted = {native[r.job.id]: r for r in records if r.job.id in native}
         if not wanted:
             return {}, ""
@@ -370,8 +388,13 @@ class HTCondorBackend(BatchBackend):
                     _constraint(rest), _ATTRIBUTES, match=len(rest)))
         except htcondor2.HTCondorException as exc:
             raise QueryUnavailableError(f"the schedd did not answer: {one_line(str(exc))}") from exc
-        return ({wanted[n].job.id: row_from_ad(ad).status(wanted[n].status)
-                 for n, ad in ads.items() if n in wanted}, "nor in its history")
+        found = {wanted[n].job.id: row_from_ad(ad).status(wanted[n].status)
+                 for n, ad in ads.items() if n in wanted}
+        recent = time.time() - self.unsubmitted_grace
+        found.update((r.job.id, JobStatus(JobState.QUEUED, reason="not listed by the schedd yet"))
+                     for r in wanted.values()
+                     if r.job.id not in found and (r.status.submit_time or 0) > recent)
+        return found, "nor in its history"
 
     def enforced_walltime(self, spec: JobSpec) -> float | None:
         """allowed_job_duration counts whole seconds."""
@@ -449,9 +472,9 @@ class HTCondorBackend(BatchBackend):
                                             ) from exc
             self._warn_once(f"the schedd did not answer; going on from the event log: "
                             f"{one_line(str(exc))}")
-            followed.reconciled = time.time()
+            followed.reconciled, followed.changed = time.time(), True
             return
-        self._reconciled_here, followed.reconciled = True, time.time()
+        self._reconciled_here, followed.reconciled, followed.changed = True, time.time(), True
         queued = {_native_id(ad): row_from_ad(ad) for ad in ads}
         for native_id, row in list(followed.rows.items()):
             if not row.final and native_id not in queued:
@@ -474,6 +497,7 @@ class HTCondorBackend(BatchBackend):
                 del followed.rows[native_id]  # not final until their output is here
             raise QueryUnavailableError(f"Schedd.retrieve failed: {one_line(str(exc))}") from exc
         followed.retrieved.update(done)
+        followed.changed = True
 
     # --- the event log ------------------------------------------------------------------------
 
@@ -489,6 +513,7 @@ class HTCondorBackend(BatchBackend):
                 htcondor2.JobEventLog(path)
             for event in reader.events(stop_after=0):
                 apply_event(followed.rows, event)
+                followed.changed = True
             offset = reader.__getstate__()[1]
         except (OSError, htcondor2.HTCondorException) as exc:
             self._warn_once(f"the event log {path} cannot be read; asking the schedd at each "
@@ -498,7 +523,10 @@ class HTCondorBackend(BatchBackend):
         if broken:
             self._warn_once(f"the event log {path} was truncated or replaced; read again from "
                             "its start, and the schedd asked")
-        followed.reader, followed.inode, followed.offset = pickle.dumps(reader), stat.st_ino, offset
+        if (stat.st_ino, offset) != (followed.inode, followed.offset) or not whole:
+            followed.reader, followed.inode, followed.offset = (pickle.dumps(reader),
+                                                                stat.st_ino, offset)
+            followed.changed = True
         return not broken
 
     @contextlib.contextmanager
@@ -515,16 +543,16 @@ class HTCondorBackend(BatchBackend):
                     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError):
                         self._followed_state = _Followed()
             followed = self._followed_state
-            before = pickle.dumps(followed)
             yield followed
+            if not followed.changed:
+                return
             old = time.time() - _PRUNE_AFTER
             for native_id in [n for n, row in followed.rows.items()
                               if row.final and (row.end_time or 0) < old]:
                 del followed.rows[native_id]
                 followed.retrieved.discard(native_id)
-            data = pickle.dumps(followed)
-            if data != before:
-                temporary = path.with_suffix(".part")
-                temporary.write_bytes(data)
-                temporary.replace(path)
-                self._stamp = path.stat().st_mtime_ns
+            followed.changed = False
+            temporary = path.with_suffix(".part")
+            temporary.write_bytes(pickle.dumps(followed))
+            temporary.replace(path)
+            self._stamp = path.stat().st_mtime_ns
