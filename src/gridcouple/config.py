@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -91,6 +92,34 @@ class CouplerSection:
             raise OptionError("join_timeout", f"must be positive, got {self.join_timeout}")
         if self.call_timeout < 0:
             raise OptionError("call_timeout", f"must not be negative, got {self.call_timeout}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """Beyond loopback every connection is mutual TLS: all three files, existing."""
+        keys = ("tls_ca_file", "tls_cert", "tls_key")
+        given = [k for k in keys if getattr(self, k) is not None]
+        missing = [k for k in keys if k not in given]
+        if not given and not is_loopback_host(self.host):
+            raise OptionError("host", f"listening on {self.host!r} (beyond loopback) needs "
+                              f"TLS; set {', '.join(keys)} in [coupler] (make them with "
+                              "'gridcouple certs')")
+        if given and missing:
+            raise OptionError(given[0], f"TLS needs all three files; set {', '.join(missing)} "
+                              "in [coupler]")
+        for key in given:
+            path = getattr(self, key)
+            if not path.is_file():
+                raise OptionError(key, f"{path} is not a file")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection,

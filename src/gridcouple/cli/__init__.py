@@ -90,7 +90,7 @@ def _main(
 
 def main() -> None:
     """Entry point: run the command; a GridcoupleError becomes one line on stderr, exit 2."""
-    from gridcouple.cli import jobman, jobs, run, simulate  # noqa: F401  (registers commands)
+    from gridcouple.cli import certs, jobman, jobs, run, simulate  # noqa: F401  (registers commands)
 
     try:
         app()

@@ -9,8 +9,9 @@ kinds of failure a backend must tell apart.
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,14 @@ def one_line(text: str) -> str:
 @dataclass(frozen=True)
 class ToolRunner:
     """Runs the tools of one batch system. ``system`` names it in messages ("Slurm"),
-    ``section`` is the config table whose ``bin_dir`` and ``command_timeout`` apply."""
+    ``section`` is the config table whose ``bin_dir`` and ``command_timeout`` apply;
+    ``environment`` is added to this process's for every tool (Slurm's ``SLURM_CONF``)."""
 
     system: str
     section: str
     bin_dir: Path | None
     timeout: float
+    environment: Mapping[str, str] | None = None
 
     def run(self, tool: str, args: Sequence[str], *, unavailable: bool = False,
             check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -40,7 +43,8 @@ class ToolRunner:
         command = str(self.bin_dir / tool) if self.bin_dir else tool
         try:
             proc = subprocess.run([command, *args], capture_output=True, text=True,
-                                  timeout=self.timeout)
+                                  timeout=self.timeout, env={**os.environ, **self.environment}
+                                  if self.environment else None)
         except FileNotFoundError:
             where = f"in {self.bin_dir}" if self.bin_dir else "on PATH"
             raise BackendError(f"{tool} is not {where}: is {self.system} installed? "

@@ -56,6 +56,7 @@ class SlurmOptions:
     constraint: str | None = None
     extra_directives: list[str] = field(default_factory=list)  # sbatch options, "--exclusive"
     bin_dir: Path | None = None  # where sbatch, squeue, scontrol, scancel, sacct are; else PATH
+    slurm_conf: Path | None = None  # the cluster's slurm.conf, passed to the tools as SLURM_CONF
     poll_interval: float = 5.0  # the longest pause between two squeue calls while waiting
     command_timeout: float = 60.0  # seconds a Slurm command may take before it is given up
 
@@ -67,6 +68,8 @@ class SlurmOptions:
         for key in ("poll_interval", "command_timeout"):
             if getattr(self, key) <= 0:
                 raise OptionError(key, f"must be positive, got {getattr(self, key)}")
+        if self.slurm_conf is not None and not self.slurm_conf.is_file():
+            raise OptionError("slurm_conf", f"{self.slurm_conf} is not a file")
 
 
 def check_directives(directives: Iterable[object]) -> None:
@@ -249,8 +252,10 @@ class SlurmBackend(BatchBackend):
         super().__init__(options or SlurmOptions(), **kwargs)
         self.backoff = Backoff(first=min(0.2, self.options.poll_interval),
                                most=self.options.poll_interval)
+        conf = self.options.slurm_conf
         self.tools = ToolRunner("Slurm", f"backend.{self.name}", self.options.bin_dir,
-                                self.options.command_timeout)
+                                self.options.command_timeout,
+                                {"SLURM_CONF": str(conf)} if conf is not None else None)
         _note_driver()
 
     # --- the batch core's hooks ---------------------------------------------------------------
