@@ -25,6 +25,7 @@ from gridcouple.appkit.store import (
     STALE_STAGING_AGE,
     FieldRef,
     FieldStore,
+    RefRefusedError,
     clean_orphaned_scratch_roots,
     new_scratch_root,
 )
@@ -106,7 +107,39 @@ def test_a_reference_from_the_wire_cannot_point_outside_its_store(store):
     with pytest.raises(ValueError, match="malformed frame.*invalid field id '../../../xx'"):
         decode(bad, buffers)
     assert FieldRef.from_wire(wire) == good
+    for change in [{"producer": "no/such name"}, {"store_id": "x"}, {"store_url": ""},
+                   {"owner": "root"}]:
+        with pytest.raises(ValueError, match="FieldRef"):
+            FieldRef.from_wire({**wire, **change})
     assert_intact(store)
+
+
+def test_outside_a_session_a_ref_from_the_wire_reads_local_stores_only(store, tmp_path):
+    """A ref that came over the wire (not made by this process's store) to a URL is
+    refused; to a directory, read confined to it: a chunk that is a symbolic link, or a
+    FIFO, is refused, never followed or waited on."""
+    good = store.ref("temperature")
+    for url in ("ftp://127.0.0.1/x", "http://127.0.0.1:1/x", "file:///etc/../etc"):
+        wire = FieldRef.from_wire({**good.to_wire(), "store_url": url})
+        if url.startswith("file://"):
+            with pytest.raises(FileNotFoundError):
+                wire.read()
+            continue
+        with pytest.raises(RefRefusedError, match="outside a coupling session only local"):
+            wire.read()
+    ref = FieldRef.from_wire(good.to_wire())
+    np.testing.assert_array_equal(ref.read(), good.read())
+    chunk = Path(store.url) / ref.array_path / "c" / "0" / "0"
+    chunk.unlink()
+    os.mkfifo(chunk)
+    with pytest.raises(RefRefusedError, match="not a regular file"):
+        ref.read()
+    chunk.unlink()
+    chunk.symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").write_bytes(b"secret" * 100)
+    for read in (ref.read, lambda: ref.open()[:], lambda: ref.to_dask().compute()):
+        with pytest.raises(RefRefusedError, match="symbolic link"):
+            read()
 
 
 # --- writers killed mid-write --------------------------------------------------------------

@@ -91,6 +91,7 @@ class StoreService:
         self._committed: set[str] = set()
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "chunk_requests": 0, "bytes": 0}
+        self._chunks: dict[str, int] = {}  # chunk requests by array
 
     def get(self, key: str, start: int | None = None, end: int | None = None,
             suffix: int | None = None) -> np.ndarray | None:
@@ -103,8 +104,10 @@ class StoreService:
         data = self.reader.get(key, start, end, suffix)
         with self._lock:
             self._counts["requests"] += 1
-            if "/c/" in key:
+            array, chunk, _ = key.partition("/c/")
+            if chunk:
                 self._counts["chunk_requests"] += 1
+                self._chunks[array] = self._chunks.get(array, 0) + 1
             self._counts["bytes"] += len(data) if data is not None else 0
         return None if data is None else np.frombuffer(data, dtype=np.uint8)
 
@@ -120,10 +123,11 @@ class StoreService:
                      or n == "meshes"]
         return [n for n in names if not n.startswith(".") and n != "times"]
 
-    def counts(self) -> dict[str, int]:
-        """Requests answered, of them chunk reads, and bytes sent, since the start."""
+    def counts(self) -> dict[str, Any]:
+        """Requests answered, of them chunk reads, and bytes sent, since the start; and
+        ``chunks``: the chunk reads by array (``temperature/v000001/temperature``)."""
         with self._lock:
-            return dict(self._counts)
+            return {**self._counts, "chunks": dict(self._chunks)}
 
     def _allow(self, key: str) -> None:
         parts = check_key(key).split("/")
@@ -158,11 +162,11 @@ def serve_store(service: StoreService | None) -> None:
     _served = service
 
 
-def served_counts() -> dict[str, int]:
-    """What this process's application server has served of its store so far: requests,
-    chunk_requests, bytes (zeros when it serves none)."""
+def served_counts() -> dict[str, Any]:
+    """What this process's application server has served of its store so far (see
+    :meth:`StoreService.counts`; zeros when it serves none)."""
     if _served is None:
-        return {"requests": 0, "chunk_requests": 0, "bytes": 0}
+        return {"requests": 0, "chunk_requests": 0, "bytes": 0, "chunks": {}}
     return _served.counts()
 
 
@@ -378,6 +382,9 @@ class SessionReader:
         with self._lock:
             source = self._sources.get(key)
             if source is None:
+                log.info("%sreading the fields of %s through its server (its store %s is not "
+                         "on this host)", f"{self.me}: " if self.me else "", info.describe(),
+                         info.store)
                 source = self._sources[key] = RemoteSource(
                     info, lambda: self.open_source(info))
         return source

@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             app.terminate()
     _remove_scratch(scratch)
+    served = remote.served_counts()
+    if served["requests"]:
+        log.info("%s: served %d field reads to other applications (%d chunks, %d bytes)",
+                 name, served["requests"], served["chunk_requests"], served["bytes"])
     log.info("%s: stopped", name)
     sys.stdout.flush()
     sys.stderr.flush()
