@@ -772,8 +772,7 @@ class Coupler:
         self._logger_levels.clear()
 
     def _start_scheduler(self) -> None:
-        import dask
-        from distributed import Scheduler
+        from gridcouple.tls_scheduler import client_kwargs, start_tls_scheduler
 
         self._quiet_dask()
 
@@ -782,23 +781,11 @@ class Coupler:
         self._loop = loop
 
         security = self._scheduler_security()
-        self._scheduler_client_kwargs = {
-            "require_encryption": True, "tls_ca_file": security.tls_ca_file,
-            "tls_client_cert": security.tls_client_cert, "tls_client_key": security.tls_client_key}
-
-        async def start() -> Any:
-            host = self.settings.host
-            # No HTTP routes: the scheduler is our membership list, not a dashboard. Its HTTP
-            # server still listens where it does, on any free port, and answers 404.
-            http = f"[{host}]:0" if ":" in host else f"{host}:0"
-            with dask.config.set({"distributed.scheduler.http.routes": []}):
-                scheduler = Scheduler(host=host, port=self.settings.port, dashboard=False,
-                                      dashboard_address=http, security=security,
-                                      protocol="tls")
-            scheduler.handlers[JOIN_HANDLER] = self._scheduler_join
-            return await scheduler
-
-        self._scheduler = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+        self._scheduler_client_kwargs = client_kwargs(security)
+        # No HTTP routes: the scheduler is our membership list, not a dashboard.
+        start = start_tls_scheduler(self.settings.host, self.settings.port, security,
+                                    handlers={JOIN_HANDLER: self._scheduler_join})
+        self._scheduler = asyncio.run_coroutine_threadsafe(start, loop).result(30)
 
     def _scheduler_security(self) -> Any:
         """Mutual TLS for the dask scheduler, always: a dask peer may send pickles, so only
