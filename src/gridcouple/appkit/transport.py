@@ -168,6 +168,13 @@ def frame(value: Any, max_frame: int | None = None) -> list[bytes | memoryview]:
     carry, and FrameTooLargeError for one of more than ``max_frame`` bytes (both before
     anything is sent)."""
     header, buffers = encode(value)
+    if not buffers:  # the common case: a call or a small result
+        size = _PREFIX.size + len(header)
+        if max_frame is not None and size > max_frame:
+            raise FrameTooLargeError(
+                f"a value of {_size(size)} is more than the channel carries in one frame "
+                f"({_size(max_frame)}, ${MAX_FRAME_ENV} on both ends)")
+        return [_PREFIX.pack(len(header), 0) + header]
     if len(buffers) > 0xFFFF:
         raise TypeError(f"cannot send {len(buffers)} arrays in one value (at most 65535)")
     prefix = _PREFIX.pack(len(header), len(buffers))
@@ -214,6 +221,9 @@ class Channel:
 
     def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Send byte strings in order with as few system calls as the kernel allows."""
+        if len(parts) == 1 and isinstance(parts[0], bytes):  # one small frame
+            self.sock.sendall(parts[0])
+            return
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         if isinstance(self.sock, ssl.SSLSocket):  # TLS has no gathering send
             for view in views:
@@ -231,11 +241,15 @@ class Channel:
         """Receive one frame and decode it; arrays land in freshly allocated numpy memory, the
         first one in ``into`` when given and large enough (it is then a view of ``into``).
         ValueError for a frame that does not decode (the channel stays in step)."""
-        header_length, count = _PREFIX.unpack(self._take(_PREFIX.size))
+        self._fill(_PREFIX.size)
+        header_length, count = _PREFIX.unpack_from(self._buffer, self._start)
         self._check_claim(_PREFIX.size + 8 * count + header_length, header_length, count)
-        lengths = struct.unpack(f"<{count}Q", self._take(8 * count)) if count else ()
-        self._check_claim(_PREFIX.size + 8 * count + header_length + sum(lengths),
-                          header_length, count)
+        self._start += _PREFIX.size
+        lengths: tuple[int, ...] = ()
+        if count:
+            lengths = struct.unpack(f"<{count}Q", self._take(8 * count))
+            self._check_claim(_PREFIX.size + 8 * count + header_length + sum(lengths),
+                              header_length, count)
         header = self._take(header_length)
         buffers: list[Any] = []
         for length in lengths:
@@ -282,6 +296,13 @@ class Channel:
         return data
 
     def _take(self, size: int) -> bytes:
+        self._fill(size)
+        data = bytes(self._buffer[self._start: self._start + size])
+        self._start += size
+        return data
+
+    def _fill(self, size: int) -> None:
+        """Receive until at least ``size`` bytes are buffered."""
         if self._end - self._start < size:
             if self._start:
                 remaining = self._end - self._start
@@ -296,9 +317,6 @@ class Channel:
                 if not got:
                     raise ConnectionLostError("the peer closed the connection")
                 self._end += got
-        data = bytes(self._buffer[self._start: self._start + size])
-        self._start += size
-        return data
 
     def _recv_into(self, view: memoryview) -> int:
         if self.deadline is not None:
