@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
 import math
 import os
 import re
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gridcouple.errors import ConfigError, OptionError
+from gridcouple.jobman.acl import is_loopback_host
 from gridcouple.jobman.settings import JobManagerSection
 
 T = TypeVar("T")
@@ -111,15 +111,6 @@ class CouplerSection:
             if not path.is_file():
                 raise OptionError(key, f"{path} is not a file")
 
-
-def is_loopback_host(host: str) -> bool:
-    """Whether ``host`` is a loopback name or address (``localhost``, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 SECTIONS: dict[str, type] = {"backend": BackendSection, "coupler": CouplerSection,

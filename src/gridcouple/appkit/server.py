@@ -64,6 +64,7 @@ from gridcouple.appkit.transport import (
     serve_channel,
     tls_contexts,
 )
+from gridcouple.jobman.acl import is_loopback_host
 
 log = logging.getLogger("gridcouple.appkit.server")
 
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         token = local_token()
         limits = Limits.from_env()
         tls = _tls_from_env()
+        if tls is None and not is_loopback_host(args.host):
+            raise ValueError(f"--host {args.host}: listening beyond loopback needs mutual TLS "
+                             f"(${TLS_ENV}, which a coupler with TLS files passes)")
     except (ValueError, TransportError) as exc:
         print(f"gridcouple app server: error: {exc}", file=sys.stderr)
         return 2
