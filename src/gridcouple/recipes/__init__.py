@@ -21,6 +21,7 @@ RECIPES: dict[str, str] = {
     "weak-coupling": "gridcouple.recipes.weak_coupling",
     "thermo-mechanical": "gridcouple.recipes.thermo_mechanical",
     "distributed": "gridcouple.recipes.distributed",
+    "monte-carlo": "gridcouple.recipes.monte_carlo",
 }
 
 
