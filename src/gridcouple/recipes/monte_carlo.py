@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import random
+from typing import cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,7 +63,8 @@ def main(config: Config, console: Console) -> None:
         inside = thrown = 0
         failures: list[str] = []
         with progress:
-            for future in concurrent.futures.as_completed(futures):
+            for done in concurrent.futures.as_completed(futures):
+                future = cast(TaskFuture, done)
                 try:
                     inside += future.result()
                     thrown += DARTS
