@@ -13,22 +13,34 @@ Measures (medians; the machine is shared and noisy, so read the ratios):
   reported beside it). Transfers run in rounds, in reverse order every other round; the
   Pyro5 and dask actor transfers are taken ``--peer-repeats`` times;
 - application server start to usable proxy on the local backend (target: <= 0.8 s), against a
-  bare dask worker joining the same scheduler, and against our server as a plain subprocess.
+  bare dask worker joining the same scheduler, and against our server as a plain subprocess;
+- where a call's time goes on loopback: client and server pinned to one vCPU, then to two
+  (the cross-CPU wake-up), for our channel and for raw TCP;
+- across two test hosts (docs/test-hosts.md; when they run): the producer's server on one, the
+  reader on the other, mutual TLS as beyond loopback always: call latency against raw TCP
+  (plain and TLS) and Pyro5 between the same hosts; 256 MiB by copy, and by reference read
+  through the producer's server (all 64 chunks, and one of them), against raw TCP (plain and
+  TLS) between the same hosts in the same run; the bytes the one-chunk read moved.
 
-Run: ``.venv/bin/python benchmarks/exchange.py`` (needs the bench extra for Pyro5).
+Run: ``.venv/bin/python benchmarks/exchange.py`` (needs the bench extra for Pyro5; the
+cross-host section needs root and scripts/testhosts-up; ``--only loopback`` or ``--only
+cross-host`` runs one part).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +73,15 @@ class BenchApp(Application):
     def get_field(self, field_id: str, time: float) -> Field:
         assert self.field is not None
         return self.field  # no time: a ref stores it at the time asked for
+
+    def use_chunks(self, count: int) -> None:
+        """Store versions in ``count`` chunks (the store's default: 8 MiB ones)."""
+        self.field_store.chunk_bytes = FIELD_BYTES // count
+
+    def served(self) -> dict[str, int]:
+        from gridcouple.appkit.remote import served_counts
+
+        return {k: v for k, v in served_counts().items() if k != "chunks"}
 
 
 class PyroBench:
@@ -105,20 +126,56 @@ def serve_tcp() -> None:
     print(listener.getsockname()[1], flush=True)
     payload = np.random.default_rng(0).random(FIELD_SHAPE)
     sock, _ = listener.accept()
+    _answer(sock, payload)
+
+
+def _answer(sock: socket.socket, payload: np.ndarray) -> None:
+    """Raw TCP's side: ``p`` is answered with ``p``, anything else with the payload."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    while True:
-        request = sock.recv(1)
-        if not request:
-            return
-        if request == b"p":
-            sock.sendall(b"p")
-        else:
-            sock.sendall(memoryview(payload).cast("B"))
+    with sock:
+        while True:
+            request = sock.recv(1)
+            if not request:
+                return
+            if request == b"p":
+                sock.sendall(b"p")
+            else:
+                sock.sendall(memoryview(payload).cast("B"))
 
 
-def start(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def serve_cross(tls_json: str) -> None:
+    """On the producer's host: raw TCP (plain, and with the session's TLS) and Pyro5, on every
+    address; prints their ports and URI as one JSON line."""
+    import Pyro5.api
+
+    from gridcouple.appkit.transport import tls_contexts
+
+    payload = np.random.default_rng(0).random(FIELD_SHAPE)
+    contexts = tls_contexts(json.loads(tls_json))
+    assert contexts is not None
+    ports = {}
+    for name, wrap in (("tcp_port", None), ("tls_port", contexts[0])):
+        listener = socket.create_server(("0.0.0.0", 0))
+        ports[name] = listener.getsockname()[1]
+
+        def accept(listener: socket.socket = listener, wrap: Any = wrap) -> None:
+            while True:
+                sock, _ = listener.accept()
+                if wrap is not None:
+                    sock = wrap.wrap_socket(sock, server_side=True)
+                threading.Thread(target=_answer, args=(sock, payload), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+    daemon = Pyro5.api.Daemon(host=socket.gethostname())
+    uri = daemon.register(Pyro5.api.expose(PyroBench)())
+    print(json.dumps({**ports, "pyro": str(uri)}), flush=True)
+    daemon.requestLoop()
+
+
+def start(argv: list[str], env: dict[str, str] | None = None,
+          new_session: bool = False) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **(env or {})}, start_new_session=new_session)
     line = process.stdout.readline().strip()
     if not line:
         raise RuntimeError(f"{argv} did not start")
@@ -150,10 +207,11 @@ def throughput(transfer: Callable[[], object], repeats: int) -> float:
 
 
 def interleaved(transfers: dict[str, Callable[[], object]], repeats: int,
-                results: dict[str, float], base: str) -> None:
+                results: dict[str, float], base: str, prefix: str = "") -> dict[str, list[float]]:
     """Median GB/s of each transfer, run in rounds (one of each per round, every other round
     in reverse order) so that they share the machine's load and none always runs first;
-    ``ratio NAME`` is the median over rounds of NAME / ``base``. One untimed round first."""
+    ``ratio NAME`` is the median over rounds of NAME / ``base``. One untimed round first.
+    Returns the seconds of every round, by transfer."""
     times: dict[str, list[float]] = {name: [] for name in transfers}
     for transfer in transfers.values():
         transfer()
@@ -162,9 +220,14 @@ def interleaved(transfers: dict[str, Callable[[], object]], repeats: int,
         for name, transfer in order if round_number % 2 == 0 else reversed(order):
             times[name].append(seconds(transfer))
     for name, samples in times.items():
-        results[f"field {name}"] = FIELD_BYTES / statistics.median(samples) / 1e9
-        results[f"ratio {name}"] = statistics.median(
-            base_time / own for base_time, own in zip(times[base], samples, strict=True))
+        results[f"{prefix}field {name}"] = FIELD_BYTES / statistics.median(samples) / 1e9
+        results[f"{prefix}ratio {name}"] = ratio(times, name, base)
+    return times
+
+
+def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    """The median over rounds of the speed of ``name`` over that of ``base``."""
+    return statistics.median(b / own for b, own in zip(times[base], times[name], strict=True))
 
 
 def prefaulted(shape: tuple[int, ...]) -> np.ndarray:
@@ -174,13 +237,12 @@ def prefaulted(shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, results: dict[str, float]) -> None:
     from gridcouple.appkit.transport import TOKEN_ENV, ApplicationProxy
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     store = tempfile.mkdtemp(prefix="gridcouple-bench-", dir="/dev/shm"
                              if os.path.isdir("/dev/shm") else None)
-    results: dict[str, float] = {}
     processes = []
     try:
         ours, line = start([sys.executable, "-m", "gridcouple.appkit.server",
@@ -242,10 +304,59 @@ def run(args: argparse.Namespace) -> None:
         for process in processes:
             process.kill()
             process.wait()
-        import shutil
-
         shutil.rmtree(store, ignore_errors=True)
-    report(results)
+    _placement(args, results)
+
+
+# --- where a call's time goes: one vCPU or two ------------------------------------------------
+
+def _set_cpus(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus``."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
+def _placement(args: argparse.Namespace, results: dict[str, float]) -> None:
+    """Call latency of our channel and of raw TCP with client and server pinned to one vCPU,
+    then each to its own: the difference is the cost of waking the other vCPU."""
+    from gridcouple.appkit.transport import TOKEN_ENV, ApplicationProxy
+
+    mine = os.sched_getaffinity(0)
+    cpus = sorted(mine)
+    if len(cpus) < 2:
+        return
+    try:
+        for placement, (client, server) in (("one vCPU", (cpus[0], cpus[0])),
+                                            ("two vCPUs", (cpus[0], cpus[1]))):
+            ours, line = start([sys.executable, "-m", "gridcouple.appkit.server",
+                                "--app", "exchange:BenchApp"], {TOKEN_ENV: SECRET})
+            tcp, port = start([sys.executable, __file__, "--serve-tcp"])
+            try:
+                for process in (ours, tcp):
+                    _set_cpus(process.pid, {server})
+                _set_cpus(os.getpid(), {client})
+                proxy = ApplicationProxy(json.loads(line)["endpoint"], SECRET)
+                raw = socket.create_connection(("127.0.0.1", int(port)))
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+                def raw_ping(raw: socket.socket = raw) -> None:
+                    raw.sendall(b"p")
+                    raw.recv(1)
+
+                samples: dict[str, list[float]] = {"ours": [], "raw TCP": []}
+                for _ in range(3):  # alternating; the median of three each
+                    samples["ours"].append(latency_us(proxy.ping, args.calls // 3))
+                    samples["raw TCP"].append(latency_us(raw_ping, args.calls // 3))
+                for name, values in samples.items():
+                    results[f"latency {name}, {placement}"] = statistics.median(values)
+                proxy.close()
+                raw.close()
+            finally:
+                for process in (ours, tcp):
+                    process.kill()
+                    process.wait()
+    finally:
+        _set_cpus(os.getpid(), mine)
 
 
 def _dask_actor(args: argparse.Namespace, results: dict[str, float]) -> None:
@@ -339,7 +450,185 @@ def _tls_options(security: Any, directory: Path) -> list[str]:
     return options
 
 
+# --- across two test hosts ----------------------------------------------------------------------
+
+SERVICES = HERE.parent / ".gridcouple-services" / "testhosts.json"
+FIELD_CHUNKS = 64
+
+
+def _test_hosts() -> tuple[list[dict[str, Any]], Path] | str:
+    """The first two test hosts of scripts/testhosts-up and the shared directory, or why not."""
+    if os.geteuid() != 0 or shutil.which("nsenter") is None:
+        return "entering the test hosts needs root and nsenter"
+    try:
+        record = json.loads(SERVICES.read_text())
+        hosts = record["hosts"][:2]
+        for host in hosts:
+            os.kill(int(host["pid"]), 0)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"no test hosts ({SERVICES}: {exc}; scripts/testhosts-up)"
+    if len(hosts) < 2:
+        return "fewer than two test hosts"
+    return hosts, Path(record["shared_dir"])
+
+
+def _enter(host: dict[str, Any]) -> list[str]:
+    return ["nsenter", "-t", str(host["pid"]), "--net", "--uts", "--mount", f"--wd={HERE}",
+            "--"]
+
+
+def cross_hosts(args: argparse.Namespace, results: dict[str, float]) -> None:
+    """The producer's server, raw TCP and Pyro5 on the second test host; the reader on the
+    first, with mutual TLS from ``gridcouple certs`` (everything beyond loopback has it)."""
+    from gridcouple.appkit.remote import FIELD_TOKEN_ENV
+    from gridcouple.appkit.transport import TOKEN_ENV
+    from gridcouple.cli.certs import make_ca, make_site
+
+    found = _test_hosts()
+    if isinstance(found, str):
+        print(f"cross-host section skipped: {found}", file=sys.stderr)
+        return
+    (reader, producer), shared = found
+    directory = Path(tempfile.mkdtemp(prefix="gridcouple-bench-", dir=shared))
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        make_ca(directory / "ca")
+        site = make_site(directory / "ca", "bench")
+        tls = {"tls_ca_file": str(site / "ca.pem"), "tls_scheduler_cert": str(site / "cert.pem"),
+               "tls_scheduler_key": str(site / "key.pem"),
+               "tls_client_cert": str(site / "cert.pem"),
+               "tls_client_key": str(site / "key.pem")}
+        environment = {TOKEN_ENV: SECRET, FIELD_TOKEN_ENV: "bench-fields",
+                       "GRIDCOUPLE_TLS": json.dumps(tls), "PYTHONPATH": str(HERE)}
+        ours, line = start([*_enter(producer), sys.executable, "-m", "gridcouple.appkit.server",
+                            "--app", "exchange:BenchApp", "--name", "bench", "--host",
+                            "0.0.0.0"], environment, new_session=True)
+        processes.append(ours)
+        peers, ports = start([*_enter(producer), sys.executable, __file__, "--serve-cross",
+                              json.dumps(tls)], new_session=True)
+        processes.append(peers)
+        spec = {**json.loads(ports), "endpoint": json.loads(line)["endpoint"],
+                "address": producer["address"], "host": producer["name"], "tls": tls,
+                "fields_token": "bench-fields", "calls": args.calls, "repeats": args.repeats}
+        client = subprocess.run([*_enter(reader), sys.executable, __file__, "--cross-client",
+                                 json.dumps(spec)], capture_output=True, text=True,
+                                timeout=1200, env={**os.environ, "PYTHONPATH": str(HERE)})
+        if client.returncode:
+            raise RuntimeError(f"the reader on {reader['name']} failed:\n{client.stderr}")
+        results.update({f"cross {k}": v for k, v in json.loads(client.stdout).items()})
+        results["cross hosts"] = f"{reader['name']} reads from {producer['name']}"  # type: ignore[assignment]
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 9)
+            process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def cross_client(spec_text: str) -> None:
+    """On the reader's host: the measurements, printed as one JSON object."""
+    import Pyro5.api
+
+    from gridcouple.appkit import remote
+    from gridcouple.appkit.transport import ApplicationProxy, connect, tls_contexts
+
+    spec = json.loads(spec_text)
+    contexts = tls_contexts(spec["tls"])
+    assert contexts is not None
+    tls = contexts[1]
+    results: dict[str, float] = {}
+    proxy = ApplicationProxy(spec["endpoint"], SECRET, name="bench", tls=tls)
+    plain = socket.create_connection((spec["address"], spec["tcp_port"]))
+    plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    secure = socket.create_connection((spec["address"], spec["tls_port"]))
+    secure.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    secure = tls.wrap_socket(secure)
+    pyro = Pyro5.api.Proxy(spec["pyro"])
+
+    def pinger(sock: socket.socket) -> Callable[[], None]:
+        def ping() -> None:
+            sock.sendall(b"p")
+            sock.recv(1)
+        return ping
+
+    calls = {"ours": proxy.ping, "raw TCP": pinger(plain), "raw TLS": pinger(secure),
+             "Pyro5": pyro.ping}
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(3):  # alternating; the median of three each
+        for name, call in calls.items():
+            samples[name].append(latency_us(call, spec["calls"] // 3))
+    for name, values in samples.items():
+        results[f"latency {name}"] = statistics.median(values)
+
+    proxy.make_field()
+    proxy.use_chunks(FIELD_CHUNKS)
+    ref = proxy.get_field("big", 0.0, mode="ref")
+    info = remote.MemberInfo("bench", spec["host"], spec["endpoint"], ref.store_url,
+                             ref.store_id)
+    remote.install(remote.SessionReader(
+        lambda name: info if name == "bench" else None,
+        lambda member: connect(member.endpoint, spec["fields_token"], name="fields:reader",
+                               tls=tls)))
+
+    def raw_field(sock: socket.socket, out: np.ndarray) -> np.ndarray:
+        view = memoryview(out).cast("B")
+        sock.sendall(b"f")
+        done = 0
+        while done < FIELD_BYTES:
+            done += sock.recv_into(view[done:])
+        return out
+
+    received, read_into = prefaulted(FIELD_SHAPE), prefaulted(FIELD_SHAPE)
+    times = interleaved({
+        "raw TCP": lambda: raw_field(plain, received),
+        "raw TLS": lambda: raw_field(secure, received),
+        "copy": lambda: proxy.get_field("big", 0.0),
+        "ref read": lambda: ref.read(out=read_into),
+        "ref read, new array": lambda: ref.read(),
+    }, spec["repeats"], results, base="raw TCP")
+    for name in ("copy", "ref read", "ref read, new array"):
+        results[f"ratio {name} / raw TLS"] = ratio(times, name, "raw TLS")
+    rows = FIELD_SHAPE[0] // FIELD_CHUNKS
+    ref.open()  # zarr imported and the array's metadata read: not part of a chunk's cost
+    before = proxy.served()["bytes"]
+    results["ref one chunk seconds"] = seconds(lambda: ref.open()[rows: 2 * rows])
+    results["ref one chunk bytes"] = proxy.served()["bytes"] - before
+    results["ref read all bytes"] = FIELD_BYTES
+    print(json.dumps(results))
+
+
 def report(results: dict[str, float]) -> None:
+    if "latency ours" in results:
+        report_loopback(results)
+    if "cross latency ours" in results:
+        report_cross(results)
+
+
+def report_cross(results: dict[str, float]) -> None:
+    r = {k.removeprefix("cross "): v for k, v in results.items() if k.startswith("cross ")}
+    ours = r["latency ours"]
+    print(f"across two test hosts ({r['hosts']}), mutual TLS as always beyond loopback:")
+    print("  call latency, median (targets: <= 0.5x Pyro5, <= 2x raw TCP):")
+    print(f"    ours (TLS)              {ours:9.1f} us")
+    for peer in ("raw TCP", "raw TLS", "Pyro5"):
+        value = r[f"latency {peer}"]
+        print(f"    {peer:<23} {value:9.1f} us   ours / {peer} = {ours / value:.2f}")
+    print("  256 MiB float64, GB/s (medians; ratios: median per round against raw TCP between "
+          "the same hosts, plain and with TLS):")
+    for name, target in (("copy", "copy >= 0.8x"), ("ref read", "ref read of all >= 0.7x"),
+                         ("ref read, new array", "")):
+        print(f"    {name:<23} {r['field ' + name]:6.2f}   / raw TCP = "
+              f"{r['ratio ' + name]:.2f}, / raw TLS = {r['ratio ' + name + ' / raw TLS']:.2f}"
+              + (f"   (target {target} raw TCP)" if target else ""))
+    for name in ("raw TCP", "raw TLS"):
+        print(f"    {name:<23} {r['field ' + name]:6.2f}")
+    share = r["ref one chunk bytes"] / r["ref read all bytes"]
+    print(f"  ref read of 1 chunk in {FIELD_CHUNKS}: {r['ref one chunk bytes']:.0f} bytes moved, "
+          f"{100 * share:.2f} % of the field (target <= 2 %), in "
+          f"{1000 * r['ref one chunk seconds']:.1f} ms")
+
+
+def report_loopback(results: dict[str, float]) -> None:
     ours, coupled = results["latency ours"], results["latency coupler proxy"]
     print("remote call latency, median over calls (target <= 100 us):")
     print(f"  ours, bare proxy        {ours:9.1f} us")
@@ -370,6 +659,12 @@ def report(results: dict[str, float]) -> None:
     for peer in ("bare dask worker", "plain subprocess"):
         value = results[f"start {peer}"]
         print(f"  {peer:<18} {value:.3f} s   ours / {peer} = {start / value:.2f}")
+    if "latency ours, one vCPU" in results:
+        print("call latency by placement (client and server pinned), median:")
+        for placement in ("one vCPU", "two vCPUs"):
+            mine, raw = (results[f"latency {n}, {placement}"] for n in ("ours", "raw TCP"))
+            print(f"  {placement:<10} ours {mine:7.1f} us, raw TCP {raw:7.1f} us, ours / raw "
+                  f"TCP = {mine / raw:.2f}, ours - raw TCP = {mine - raw:.1f} us")
 
 
 def main() -> None:
@@ -379,15 +674,28 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=5, help="starts per start-time figure")
     parser.add_argument("--peer-repeats", type=int, default=3,
                         help="samples of the Pyro5 and dask actor field transfers")
+    parser.add_argument("--only", choices=("loopback", "cross-host"),
+                        help="run one part (default: both; cross-host when the test hosts run)")
     parser.add_argument("--serve-pyro", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-tcp", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-cross", metavar="TLS", help=argparse.SUPPRESS)
+    parser.add_argument("--cross-client", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_pyro:
         serve_pyro()
     elif args.serve_tcp:
         serve_tcp()
+    elif args.serve_cross:
+        serve_cross(args.serve_cross)
+    elif args.cross_client:
+        cross_client(args.cross_client)
     else:
-        run(args)
+        results: dict[str, float] = {}
+        if args.only != "cross-host":
+            run(args, results)
+        if args.only != "loopback":
+            cross_hosts(args, results)
+        report(results)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -212,3 +213,17 @@ def test_the_scheduler_refuses_peers_without_the_sessions_certificate(config_fil
                 asyncio.run(try_to_connect(target, security))
         # the session's own certificate gets in, as the application servers do
         asyncio.run(try_to_connect(address, coupler.scheduler_security))
+
+
+def test_with_a_scheduler_port_the_registry_listens_on_the_next_one(config_file):
+    """Two known ports for a firewall in front of the coupler: the scheduler's and the
+    registry's, the next one."""
+    with socket.socket() as probe:  # a free pair of ports, probably
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    port = port if port < 65000 else 40000
+    config_file.write_text(config_file.read_text() + f"port = {port}\n")
+    with Coupler.from_config(config_file) as coupler:
+        assert coupler.scheduler_address == f"tls://127.0.0.1:{port}"
+        assert coupler.registry_endpoint == f"127.0.0.1:{port + 1}"
+        assert coupler.allocate("test_appkit_apps:Counter").get_critical_time_step() == 0.25

@@ -827,6 +827,7 @@ class ApplicationProxy:
         self._poll_interval = poll_interval
         self._lock = threading.Lock()
         self._lost: Exception | None = None
+        self._poller: tuple[Channel, select.poll] | None = None
         self._channel: Channel | None = channel
         if channel is not None:  # authenticated already (the server dialled us)
             return
@@ -900,13 +901,16 @@ class ApplicationProxy:
         if channel.has_buffered() or (self._check_alive is None and self.call_timeout is None):
             return
         deadline = None if self.call_timeout is None else time.monotonic() + self.call_timeout
-        poller = select.poll()
-        poller.register(channel.sock, select.POLLIN)
+        poller = self._poller
+        if poller is None or poller[0] is not channel:  # one per channel, not one per call
+            self._poller = poller = (channel, select.poll())
+            poller[1].register(channel.sock, select.POLLIN)
+        poll = poller[1].poll
         while True:
             wait = self._poll_interval
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
-            if poller.poll(wait * 1000):
+            if poll(wait * 1000):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise CallTimeoutError(f"{self._name}.{method} did not return within "

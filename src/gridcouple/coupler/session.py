@@ -570,9 +570,12 @@ class Coupler:
     # --- the registry: where servers tell us their endpoint -------------------------------
 
     def _start_registry(self) -> None:
+        """Listen for servers: on ``[coupler] port`` + 1 when the scheduler's port is set (so
+        a firewall in front of the coupler opens two known ports), else on any free port."""
         host = self.settings.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._registry = socket.create_server((host, 0), family=family, backlog=1024)
+        port = self.settings.port + 1 if 0 < self.settings.port < 65535 else 0
+        self._registry = socket.create_server((host, port), family=family, backlog=1024)
         threading.Thread(target=self._accept_registrations, name="registry",
                          daemon=True).start()
 
