@@ -76,6 +76,16 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])
 
 
+def daemon_environment() -> dict[str, str]:
+    """This environment for the daemon, with PYTHONPATH's entries absolute and no empty
+    one (which would put the daemon's working directory on its import path)."""
+    environment = dict(os.environ)
+    if "PYTHONPATH" in environment:
+        entries = [os.path.abspath(p) for p in environment["PYTHONPATH"].split(os.pathsep) if p]
+        environment["PYTHONPATH"] = os.pathsep.join(entries)
+    return environment
+
+
 def environment_file(state_dir: Path, name: str) -> Path:
     """Where a saved submitting environment lives."""
     return Path(state_dir) / "environments" / f"{name}.json"
@@ -115,8 +125,10 @@ class LocalBackend(SharedFileSystem, Backend):
                 raise BackendError(f"job {spec.name} asks for {spec.resources.nodes} nodes; the "
                                    "local backend has one")
         me = os.getpid()
-        ids = self.journal.add(self.name, specs, extra={
-            "environment": self._save_environment(), "submitter": [me, process_start(me)]})
+        extra = {"environment": self._save_environment(), "submitter": [me, process_start(me)]}
+        with contextlib.suppress(OSError):  # relative directories are relative to it
+            extra["cwd"] = os.getcwd()
+        ids = self.journal.add(self.name, specs, extra=extra)
         try:
             for job_id, spec in zip(ids, specs, strict=True):
                 if spec.stage_in:  # copied now: the inputs as they are at submission
@@ -250,11 +262,14 @@ class LocalBackend(SharedFileSystem, Backend):
             return
         log = self.state_dir / "local-daemon.log"
         with open(log, "ab") as out:
+            # -P and cwd "/": no working directory on its import path, where a selectors.py
+            # would run as the user; PYTHONPATH's entries made absolute, empty ones (= the
+            # working directory) dropped.
             subprocess.Popen(
-                [sys.executable, "-m", "gridcouple.backends.local.daemon", str(self.state_dir),
-                 json.dumps(asdict(self.options)), self.name],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                close_fds=True,
+                [sys.executable, "-P", "-m", "gridcouple.backends.local.daemon",
+                 str(self.state_dir.resolve()), json.dumps(asdict(self.options)), self.name],
+                cwd="/", env=daemon_environment(), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=out, start_new_session=True, close_fds=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,8 +1,9 @@
 """The local daemon: owns the queue of one state directory.
 
-Run as ``python -m gridcouple.backends.local.daemon STATE_DIR OPTIONS_JSON`` (the backend starts
-it on demand). One thread, one ``select`` loop: woken by clients on its socket, by SIGCHLD, by
-the exit of adopted jobs (pidfds) and by walltime and grace-period deadlines. Each turn it reaps
+Run as ``python -P -m gridcouple.backends.local.daemon STATE_DIR OPTIONS_JSON [NAME]`` (the
+backend starts it on demand, in ``/``, so that no working directory is on its import path). One
+thread, one ``select`` loop: woken by clients on its socket, by SIGCHLD, by the exit of adopted
+jobs (pidfds) and by walltime and grace-period deadlines. Each turn it reaps
 ended jobs, reads the journal if a client changed it, enforces deadlines, asks the scheduling
 policy which waiting jobs start, and writes all changes back in one transaction.
 
@@ -15,6 +16,7 @@ so, rather than being guessed COMPLETED.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -221,6 +223,10 @@ class Daemon:
         out_of_order = bool(new and self.waiting and new[0] < max(self.waiting))  # released
         for record in self.journal.get(new) if new else ():
             spec = record.job.spec
+            cwd = record.extra.get("cwd")
+            if spec.directory and isinstance(cwd, str):  # relative to where it was submitted
+                spec = dataclasses.replace(spec, directory=os.path.join(
+                    cwd, os.path.expanduser(spec.directory)))
             self.specs[record.job.id] = (spec, self._environment(record.extra.get("environment")))
             self.waiting[record.job.id] = WaitingJob(
                 key=record.job.id, procs=spec.resources.cpus,
