@@ -29,7 +29,6 @@ import hmac
 import json
 import logging
 import re
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -513,23 +512,11 @@ class CouplerLink:
         return channel
 
 
-def pump(a: socket.socket, b: socket.socket, first: bytes = b"",
-         buffer_size: int = 1 << 20) -> None:
-    """Copy bytes from ``a`` to ``b`` (after ``first``) until ``a`` ends or either fails;
-    then shut both down so the pump the other way ends too."""
-    buffer = bytearray(buffer_size)
-    try:
-        if first:
-            b.sendall(first)
-        with memoryview(buffer) as view:
-            while True:
-                got = a.recv_into(view)
-                if not got:
-                    break
-                b.sendall(view[:got])
-    except (OSError, ValueError):
-        pass
-    finally:
-        for sock in (a, b):
-            with contextlib.suppress(OSError, ValueError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+def relay(reader: Channel, producer: Channel) -> None:
+    """Pass a field reader's requests to a producer's store service and its replies back,
+    frame by frame in this one thread (each TLS connection is read and written by one thread
+    only), until either end closes. A reply's buffers stream through, never held whole."""
+    with contextlib.suppress(OSError, TransportError):
+        while True:
+            reader.forward_frame(producer)
+            producer.forward_frame(reader)

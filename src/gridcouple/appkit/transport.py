@@ -285,15 +285,30 @@ class Channel:
                 raise ConnectionLostError("the peer closed the connection")
             done += got
 
+    def forward_frame(self, to: Channel, chunk: int = 1 << 20) -> None:
+        """Receive one frame and send it on ``to`` as it arrives, undecoded: its prefix and
+        header at once, its buffers ``chunk`` bytes at a time. Its size is checked against
+        ``max_frame`` first, as in :meth:`receive`."""
+        self._fill(_PREFIX.size)
+        header_length, count = _PREFIX.unpack_from(self._buffer, self._start)
+        self._check_claim(_PREFIX.size + 8 * count + header_length, header_length, count)
+        self._fill(_PREFIX.size + 8 * count)
+        lengths = struct.unpack_from(f"<{count}Q", self._buffer, self._start + _PREFIX.size)
+        self._check_claim(_PREFIX.size + 8 * count + header_length + sum(lengths),
+                          header_length, count)
+        to.sock.sendall(self._take(_PREFIX.size + 8 * count + header_length))
+        left = sum(lengths)
+        buffer = bytearray(min(chunk, left))
+        with memoryview(buffer) as view:
+            while left:
+                piece = view[:min(chunk, left)]
+                self.receive_into(piece)
+                to.sock.sendall(piece)
+                left -= piece.nbytes
+
     def has_buffered(self) -> bool:
         return self._end > self._start or (isinstance(self.sock, ssl.SSLSocket)
                                            and self.sock.pending() > 0)
-
-    def take_buffered(self) -> bytes:
-        """What was received but not yet taken (to hand the socket over to a byte pump)."""
-        data = bytes(self._buffer[self._start: self._end])
-        self._start = self._end = 0
-        return data
 
     def _take(self, size: int) -> bytes:
         self._fill(size)

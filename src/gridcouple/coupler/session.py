@@ -46,12 +46,13 @@ import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,7 @@ from gridcouple.appkit.transport import (
     TOKEN_ENV,
     ApplicationProxy,
     Channel,
+    ConnectionLostError,
     TransportError,
     WarningThrottle,
     accept_connections,
@@ -147,7 +149,8 @@ class _Member:
     store: str = ""
     store_id: str = ""
     control: Channel | None = None  # the connection the server registered on
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    outbox: deque[dict[str, Any]] = field(default_factory=deque)  # for the control connection
+    wake: int = -1  # written to wake the control connection's thread
     last_seen: float = 0.0  # time.monotonic() of its last word on the control connection
     lost: str = ""  # why it is gone, once it is
     unreachable: bool = False  # gone silently (no heartbeat), not by a closed connection
@@ -234,7 +237,6 @@ class Coupler:
         self._closing.clear()
         self._start_registry()
         self._start_scheduler()
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         remote.install(self._reader)
 
     @property
@@ -641,18 +643,60 @@ class Coupler:
         member.pid = info.get("pid") if isinstance(info.get("pid"), int) else None
         member.store = str(info.get("store") or "")
         member.store_id = str(info.get("store_id") or "")
-        member.control = channel
         member.last_seen = time.monotonic()
         channel.send("ok")
         self._registry_channels.append(channel)
+        wake, member.wake = os.pipe()
+        member.control = channel
         member.joined.set()
-        with contextlib.suppress(OSError, TransportError, ValueError):
-            while True:  # pongs, until the server's end closes (or we shut it)
-                channel.receive()
-                member.last_seen = time.monotonic()
+        try:
+            self._control(member, channel, wake)
+        except ConnectionLostError:
+            pass
+        except (OSError, TransportError, ValueError) as exc:
+            member.lost = member.lost or f"its control connection failed: {exc}"
+        finally:
+            os.close(wake)
+            os.close(member.wake)
         member.lost = member.lost or "its control connection closed"
         member.gone.set()
         self._reader.forget(member.name)
+
+    def _control(self, member: _Member, channel: Channel, wake: int) -> None:
+        """The control connection, in this one thread (a TLS connection must not be read and
+        written by two threads at once): a ping every ``heartbeat_interval``, the pongs, the
+        messages others queued (``member.outbox``, woken through ``wake``); returns when the
+        server's end closes, or marks it unreachable after ``heartbeat_timeout`` of silence."""
+        poller = select.poll()
+        poller.register(channel.sock, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        next_ping = time.monotonic()
+        while not self._closing.is_set():
+            now = time.monotonic()
+            if now >= next_ping:
+                channel.send({"op": "ping"})
+                next_ping = now + self.heartbeat_interval
+            silent = now - member.last_seen
+            if silent > self.heartbeat_timeout:
+                member.lost = f"no heartbeat for {silent:.1f} s from {member.host or 'its host'}"
+                member.unreachable = True
+                return
+            ready = [] if not channel.has_buffered() else [(channel.sock.fileno(), 0)]
+            ready = ready or poller.poll(1000 * max(0.0, next_ping - now))
+            for fd, _ in ready:
+                if fd == wake:
+                    os.read(wake, 4096)
+                else:
+                    channel.receive()  # a pong, or EOF (ConnectionLostError)
+                    member.last_seen = time.monotonic()
+            while member.outbox:
+                channel.send(member.outbox.popleft())
+
+    def _tell(self, member: _Member, message: dict[str, Any]) -> None:
+        """Send ``message`` on ``member``'s control connection (from its own thread)."""
+        member.outbox.append(message)
+        with contextlib.suppress(OSError):
+            os.write(member.wake, b"\0")
 
     def _attach(self, member: _Member, channel: Channel, message: dict[str, Any]) -> None:
         ticket = self._tickets.pop(str(message.get("ticket")), None)
@@ -670,8 +714,7 @@ class Coupler:
         name = secrets.token_hex(16)
         ticket = self._tickets[name] = _Ticket(member.name)
         try:
-            with member.send_lock:
-                member.control.send({"op": "dial", "ticket": name, "role": role})
+            self._tell(member, {"op": "dial", "ticket": name, "role": role})
             deadline = time.monotonic() + timeout
             while not ticket.arrived.wait(0.05):
                 if member.gone.is_set():
@@ -700,18 +743,15 @@ class Coupler:
             return
         channel.send("ok")
         for end in (channel.sock, back.sock):
-            end.settimeout(None)
+            end.settimeout(None)  # a reader may be idle between reads
             self._relays.append(end)
-        other = threading.Thread(target=remote.pump, name="relay",
-                                 args=(channel.sock, back.sock, channel.take_buffered()),
-                                 daemon=True)
-        other.start()
-        remote.pump(back.sock, channel.sock, back.take_buffered())
-        other.join()
-        for end in (channel.sock, back.sock):
-            end.close()
-            with contextlib.suppress(ValueError):
-                self._relays.remove(end)
+        try:
+            remote.relay(channel, back)
+        finally:
+            for end in (channel.sock, back.sock):
+                end.close()
+                with contextlib.suppress(ValueError):
+                    self._relays.remove(end)
 
     def _member_info(self, name: str) -> remote.MemberInfo | None:
         member = self._members.get(name)
@@ -726,31 +766,6 @@ class Coupler:
         if member is None:
             raise TransportError(f"no application {info.name!r} in this session")
         return self._dial_back(member, "fields")
-
-    def _heartbeat(self) -> None:
-        """Ping every registered server; one silent for ``heartbeat_timeout`` seconds is
-        unreachable: its calls fail (ApplicationUnreachableError) and its control connection
-        is closed, so it ends itself should it come back."""
-        while not self._closing.wait(self.heartbeat_interval):
-            now = time.monotonic()
-            for member in list(self._members.values()):
-                control = member.control
-                if control is None or member.gone.is_set():
-                    continue
-                silent = now - member.last_seen
-                if silent > self.heartbeat_timeout:
-                    member.lost = (f"no heartbeat for {silent:.1f} s from "
-                                   f"{member.host or 'its host'}")
-                    member.unreachable = True
-                    member.gone.set()
-                    with contextlib.suppress(OSError):
-                        control.sock.shutdown(socket.SHUT_RDWR)
-                    continue
-                try:
-                    with member.send_lock:
-                        control.send({"op": "ping"})
-                except OSError as exc:
-                    member.lost = member.lost or f"its control connection failed: {exc}"
 
     def _token_of(self, name: str) -> str | None:
         member = self._members.get(name)
