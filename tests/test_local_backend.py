@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from gridcouple.backends.local import LocalBackend, LocalOptions
 from gridcouple.errors import BackendError
-from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
+from gridcouple.jobs import JobSpec, JobState, JobStatus, Resources, StagedFile
 
 PY = sys.executable
 
@@ -304,6 +306,115 @@ def test_a_new_daemon_adopts_running_jobs(local_backend, tmp_path):
     local_backend.cancel([job])
     [status] = local_backend.wait([job], timeout=15)
     assert status.state is JobState.CANCELED
+
+
+def test_sigkill_while_starting_jobs_runs_each_exactly_once(state_dir, tmp_path):
+    """SIGKILL the daemon at random points of a 30-job start (21 seeded trials: while it
+    spawns, just after, or at a random moment), then let a new daemon run. Every job is adopted
+    with its pid or requeued, never left running while FAILED: each runs exactly once (one
+    line with its pid), ends exactly once, COMPLETED (the exit status of what ended unwatched
+    is kept by the killed daemon's keeper), and no job process is left."""
+    rng = random.Random(20261202)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    backend = LocalBackend(LocalOptions(slots=30, grace_period=1, idle_exit=10),
+                           state_dir=state_dir)
+    try:
+        backend.wake_daemon()
+        for trial in range(21):
+            daemon = _daemon_pid(backend)
+            jobs = backend.submit([
+                sh(f"echo $$ >> {marks}/{trial}.{i}; sleep {rng.choice((0, 0.05, 0.3))}",
+                   name=f"k{trial}.{i}") for i in range(30)])
+            homes = [backend.job_home(job.id) for job in jobs]
+            if trial % 3 == 0:  # while it spawns: after the k-th job's home is made
+                k = rng.randrange(30)
+                _wait_until(lambda home=homes[k]: home.exists())
+            elif trial % 3 == 1:  # once it has started some
+                first = jobs[0].id
+                _wait_until(lambda first=first: backend.journal.get([first])[0].extra.get("pid"))
+                time.sleep(rng.uniform(0, 0.05))
+            else:
+                time.sleep(rng.uniform(0, 0.2))
+            os.kill(daemon, signal.SIGKILL)
+            _wait_until(lambda pid=daemon: not _alive(pid))
+            backend.wake_daemon()  # the next daemon takes over
+            statuses = backend.wait(jobs, timeout=60)
+            pids = []
+            for i, status in enumerate(statuses):
+                assert status.state is JobState.COMPLETED, (trial, i, status)
+                runs = (marks / f"{trial}.{i}").read_text().split()
+                assert len(runs) == 1, f"job {trial}.{i} ran {len(runs)} times"
+                pids.append(int(runs[0]))
+            events = backend.journal.events_since(0, jobs[0].id, jobs[-1].id)
+            finals = Counter(job_id for _, job_id, state, _ in events if state.is_final)
+            assert all(finals[job.id] == 1 for job in jobs), finals
+            assert not [pid for pid in pids if _alive(pid)], "a job process is left"
+        # the trials did hit the start-up turn: gates that never ran left their mark, and
+        # jobs that ran were adopted
+        assert list((state_dir / "jobs").glob("*/.not-started.*"))
+        assert "adopted job" in (state_dir / "local-daemon.log").read_text()
+    finally:
+        backend.stop_daemon()
+        backend.close()
+
+
+def test_a_new_daemon_requeues_what_never_ran_and_ends_what_ended_unwatched(state_dir):
+    """The journal after a daemon's death, as each moment of its start-up turn leaves it: a
+    job ACTIVE without a pid, or whose gate never opened, is requeued and runs once; one whose
+    keeper recorded its exit status ends with it; only without any record is it FAILED with
+    its exit status unknown."""
+    from gridcouple.backends.local.backend import process_start
+    from gridcouple.journal import Journal
+
+    ended = [subprocess.Popen(["cat"], stdin=subprocess.PIPE) for _ in range(3)]
+    pids = [(p.pid, process_start(p.pid)) for p in ended]
+    for process in ended:
+        process.communicate()
+    with Journal(state_dir / "journal.sqlite") as journal:
+        ids = journal.add("local", [sh(f"echo ran >> {state_dir}/ran-{i}", name=f"j{i}")
+                                    for i in range(4)])
+        journal.set_native_ids([(i, str(i), "") for i in ids], state=JobState.QUEUED)
+        journal.update([(i, JobStatus(JobState.ACTIVE, start_time=time.time()))
+                        for i in ids])
+        journal.set_extra({i: {"pid": pid, "proc_start": start}
+                           for i, (pid, start) in zip(ids[1:], pids, strict=True)})
+    (state_dir / "jobs" / str(ids[1])).mkdir(parents=True)
+    (state_dir / "jobs" / str(ids[1]) / f".not-started.{pids[0][0]}").touch()
+    (state_dir / "exits").mkdir()
+    (state_dir / "exits" / "{}-{}.json".format(*pids[1])).write_text('{"returncode": 3}')
+    backend = LocalBackend(LocalOptions(slots=2, idle_exit=5), state_dir=state_dir)
+    try:
+        backend.wake_daemon()
+        jobs = [backend.job(i) for i in ids]
+        never, gate_closed, recorded, unknown = backend.wait(jobs, timeout=30)
+        for status, i in ((never, 0), (gate_closed, 1)):
+            assert status.state is JobState.COMPLETED
+            assert (state_dir / f"ran-{i}").read_text() == "ran\n"
+        assert recorded.state is JobState.FAILED and recorded.exit_code == 3
+        assert unknown.state is JobState.FAILED and "exit status unknown" in unknown.reason
+        assert not (state_dir / "ran-2").exists() and not (state_dir / "ran-3").exists()
+        requeues = [job_id for _, job_id, state, _ in backend.journal.events_since(0)
+                    if state is JobState.QUEUED]
+        assert sorted(requeues) == sorted([*ids, ids[0], ids[1]])
+        assert not list((state_dir / "exits").iterdir())  # the record was claimed
+    finally:
+        backend.stop_daemon()
+        backend.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
 
 def _daemon_pid(backend: LocalBackend) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import signal as signal_module
 import socket
@@ -43,11 +44,16 @@ class LocalOptions:
     idle_exit: float = 30.0  # the daemon exits after this long with no job queued or running
 
     def __post_init__(self) -> None:
-        if self.slots < 0:
-            raise OptionError("slots", f"must be 0 (all CPUs) or more, got {self.slots}")
+        if not isinstance(self.slots, int) or isinstance(self.slots, bool) or self.slots < 0:
+            raise OptionError("slots", f"must be 0 (all CPUs) or more, got {self.slots!r}")
         for key in ("grace_period", "idle_exit"):
-            if getattr(self, key) < 0:
-                raise OptionError(key, f"must not be negative, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or isinstance(value, bool) \
+                    or not math.isfinite(value) or value < 0:
+                raise OptionError(key, f"must be a finite number of seconds, not negative, "
+                                       f"got {value!r}")
+        if not isinstance(self.policy, str):
+            raise OptionError("policy", f"must be a name, got {self.policy!r}")
         check_policy(self.policy)
 
     @property
