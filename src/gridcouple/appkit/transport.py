@@ -732,8 +732,7 @@ def serve_channel(channel: Channel, target: Any, peer: str,
                 if not isinstance(exc, ConnectionLostError):
                     log.warning("closing the connection from %s: %s", peer, exc)
                 return None
-            method = request[0] if _is_request(request) else None
-            reply = call_method(target, request)
+            method, reply = _answer(target, request)
             try:
                 parts = frame(reply, channel.max_frame)
             except (TypeError, FrameTooLargeError) as exc:  # a result we cannot send
@@ -750,19 +749,24 @@ def serve_channel(channel: Channel, target: Any, peer: str,
 
 def call_method(target: Any, request: Any) -> list[Any]:
     """The reply to one request: ``[0, result]`` or ``[1, {type, message, traceback}]``."""
+    return _answer(target, request)[1]
+
+
+def _answer(target: Any, request: Any) -> tuple[str | None, list[Any]]:
+    """The method a request names (None for a malformed one) and the reply to it."""
+    if not _is_request(request):
+        return None, _error_reply(TypeError("a request is [method, [arguments], {keyword "
+                                            f"arguments}}], got {str(request)[:200]}"))
+    method, args, kwargs = request
     try:
-        if not _is_request(request):
-            raise TypeError("a request is [method, [arguments], {keyword arguments}], got "
-                            f"{str(request)[:200]}")
-        method, args, kwargs = request
         if method.startswith("_"):
             raise AttributeError(f"{method!r} is not a public method")
         function = getattr(target, method)
         if not callable(function):
             raise AttributeError(f"{method!r} is not a method")
-        return [0, function(*args, **kwargs)]
+        return method, [0, function(*args, **kwargs)]
     except Exception as exc:
-        return _error_reply(exc)
+        return method, _error_reply(exc)
 
 
 class WarningThrottle:
@@ -794,7 +798,8 @@ class WarningThrottle:
 def _is_request(request: Any) -> bool:
     return (isinstance(request, list | tuple) and len(request) == 3
             and isinstance(request[0], str) and isinstance(request[1], list | tuple)
-            and isinstance(request[2], dict) and all(isinstance(k, str) for k in request[2]))
+            and isinstance(request[2], dict)
+            and (not request[2] or all(isinstance(k, str) for k in request[2])))
 
 
 def _is_reply(reply: Any) -> bool:
