@@ -790,6 +790,8 @@ class Coupler:
         self._logger_levels.clear()
 
     def _start_scheduler(self) -> None:
+        import distributed  # noqa: F401  (sets its loggers' levels when imported: first)
+
         from gridcouple.tls_scheduler import client_kwargs, start_tls_scheduler
 
         self._quiet_dask()
