@@ -6,7 +6,7 @@ his own).
 - submit: ``HTCondorBackend.submit`` of 1,000 specs (journal, one task file and script, ONE
   ``Schedd.submit`` of a 1,000-proc cluster) against 1,000 ``Schedd.submit`` calls of one job
   each (what dask-jobqueue's HTCondorCluster does per worker, there through condor_submit).
-  The jobs are submitted on hold (``hold = true``): nothing runs. Target: <= 1 s, >= 10x.
+  The jobs match no machine (``requirements = false``): nothing runs. Target: <= 1 s, >= 10x.
 - status of those 1,000 jobs per poll: the backend (the job event log; the schedd only at its
   first poll) against one ``Schedd.query`` per job and one ``Schedd.query`` for all of them.
 - 100 trivial jobs submitted to done: the backend (one cluster, ``wait``) against the bindings
@@ -53,14 +53,14 @@ class PoolBackend(HTCondorBackend):
         return super().submit_array(shape, script, count, name, tag)
 
 
-def one_by_one(schedd, htcondor2, directory: Path, count: int, held: bool) -> list[int]:
+def one_by_one(schedd, htcondor2, directory: Path, count: int, parked: bool) -> list[int]:
     """The peer: one Schedd.submit per job (with the backend's fix of the bindings' reference
     leak, without which a few thousand submits abort Python 3.11)."""
     clusters = []
     for index in range(count):
         result = schedd_submit(schedd, htcondor2.Submit({
             "executable": "/bin/true", "arguments": str(index), "initialdir": str(directory),
-            "log": str(directory / "peer.log"), "hold": "true" if held else "false"}))
+            "log": str(directory / "peer.log"), "requirements": str(not parked)}))
         clusters.append(result.cluster())
     return clusters
 
@@ -95,22 +95,26 @@ def main() -> int:
     for path in (root, root / "state", root / "state" / "htcondor", root / "peer"):
         os.chown(path, info["job_uid"], info["job_uid"])
     backend = PoolBackend(HTCondorOptions(), state_dir=root / "state")
-    held = [JobSpec(argv=("echo", str(i)), name="bench", attributes={"htcondor.hold": "true"})
-            for i in range(JOBS)]
-    batches, peer_clusters = [], []
+    parked = [JobSpec(argv=("echo", str(i)), name="bench",
+                      attributes={"htcondor.requirements": "false"}) for i in range(JOBS)]
+    peer_clusters: list[int] = []
+
+    def remove_peer() -> None:  # (a constraint of 1,000 ClusterIds is silently not acted on)
+        schedd.act(htcondor2.JobAction.Remove, f'Iwd == "{root / "peer"}"', ("benchmark done", 0))
+        peer_clusters.clear()
+
     try:
-        submits = []
-        for _ in range(rounds):
-            seconds, jobs = timed(lambda: backend.submit(held))
+        submits, peer_submits = [], []
+        for _ in range(rounds):  # each round alone in the queue: its size slows the schedd
+            seconds, jobs = timed(lambda: backend.submit(parked))
             submits.append(seconds)
-            batches.append(jobs)
-        peer_submits = []
-        for _ in range(rounds):
+            backend.cancel(jobs)
             seconds, clusters = timed(
-                lambda: one_by_one(schedd, htcondor2, root / "peer", JOBS, held=True))
+                lambda: one_by_one(schedd, htcondor2, root / "peer", JOBS, parked=True))
             peer_submits.append(seconds)
             peer_clusters.extend(clusters)
-        jobs = batches[-1]
+            remove_peer()
+        jobs = backend.submit(parked)
 
         def poll() -> list:
             backend.watcher.expect_change()  # a native poll, not the journal's answer
@@ -126,11 +130,7 @@ def main() -> int:
         one_query = [timed(lambda: schedd.query(f"ClusterId == {native[0][0]}",
                                                 ["ProcId", "JobStatus", "HoldReason"]))[0]
                      for _ in range(max(rounds, 5))]
-        for batch in batches:
-            backend.cancel(batch)
-        schedd.act(htcondor2.JobAction.Remove, " || ".join(
-            f"ClusterId == {c}" for c in peer_clusters), ("benchmark done", 0))
-        peer_clusters = []
+        backend.cancel(jobs)
 
         trivial = [JobSpec(argv=("true",), name="trivial") for _ in range(TRIVIAL)]
         ours_done = []
@@ -143,7 +143,7 @@ def main() -> int:
                         lambda: backend.wait(backend.submit(trivial), timeout=300))[0]),
                     lambda d=peer_dir: peers_done.append(timed(lambda: follow_to_the_end(
                         htcondor2, d / "peer.log",
-                        len(one_by_one(schedd, htcondor2, d, TRIVIAL, held=False))))[0])]
+                        len(one_by_one(schedd, htcondor2, d, TRIVIAL, parked=False))))[0])]
             for run in runs if round_ % 2 == 0 else runs[::-1]:
                 run()
     finally:
@@ -151,8 +151,7 @@ def main() -> int:
         if live:
             backend.cancel(live)
         if peer_clusters:
-            schedd.act(htcondor2.JobAction.Remove, " || ".join(
-                f"ClusterId == {c}" for c in peer_clusters), ("benchmark done", 0))
+            remove_peer()
         backend.close()
         shutil.rmtree(root, ignore_errors=True)
     submit = statistics.median(submits)

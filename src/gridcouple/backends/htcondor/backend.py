@@ -327,7 +327,8 @@ class HTCondorBackend(BatchBackend):
                 items.append({"home": str(home), "inputs": ", ".join(inputs)})
         else:
             commands.update(transfer_executable="false", log=str(self.event_log))
-            if count >= _MATERIALIZE_FROM:  # the schedd makes the procs after submit returns
+            # The schedd makes the procs after submit returns; it would ignore hold = true.
+            if count >= _MATERIALIZE_FROM and "hold" not in commands:
                 commands["max_materialize"] = str(count)
         try:
             schedd = self.schedd
