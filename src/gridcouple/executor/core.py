@@ -154,11 +154,19 @@ class TaskFuture(concurrent.futures.Future[Any]):
         self._executor._cancel([self])
         return self._mark_cancelled()
 
+    @property
+    def _submitted_job(self) -> Job:
+        """The job of a submitted call."""
+        assert self.job is not None
+        return self.job
+
     def _mark_cancelled(self) -> bool:
-        if super().cancel():
+        with self._condition:
+            if self.done():
+                return self.cancelled()
+            super().cancel()
             self.set_running_or_notify_cancel()  # wakes wait() and as_completed()
             return True
-        return self.cancelled()
 
     def stderr(self, tail: int | None = STDERR_TAIL) -> str:
         """What the job wrote to stderr (its last ``tail`` lines)."""
@@ -502,6 +510,16 @@ class Executor(concurrent.futures.Executor):
     def _follow(self) -> None:
         """Resolve futures: outcome files as soon as they appear, job statuses at the
         backend's pace; ends once shut down and every call has its outcome."""
+        while True:
+            try:
+                self._follow_calls()
+                return
+            except Exception:  # keep following: a future must not wait for ever
+                log.exception("%s: following the calls failed; retrying in 1 s",
+                              self.backend.name)
+                time.sleep(1.0)
+
+    def _follow_calls(self) -> None:
         result_pause = RESULT_POLL_FIRST
         status_interval = self.backend.backoff.first
         status_due = 0.0
@@ -516,12 +534,12 @@ class Executor(concurrent.futures.Executor):
             arrived = 0
             if self._shared:
                 for future in futures:
-                    assert future.job is not None
-                    if os.path.exists(self._outcome_path(future.job)):
+                    if os.path.exists(self._outcome_path(future._submitted_job)):
                         arrived += self._finish(future, None)
             now = time.monotonic()
             if now >= status_due:
-                changed = self._refresh([f for f in futures if not f.done()])
+                changed = self._refresh([f for f in futures
+                                         if f._submitted_job.id in self._active])
                 status_interval = self.backend.next_poll(status_interval, changed)
                 status_due = time.monotonic() + status_interval
             result_pause = RESULT_POLL_FIRST if arrived else min(result_pause * 1.5,
@@ -556,8 +574,12 @@ class Executor(concurrent.futures.Executor):
         there is none. Returns 1 when it was resolved."""
         job = future.job
         assert job is not None
-        data = self._read_outcome(job, final=status is not None)
-        if data is None and status is None:
+        refused: TaskError | None = None
+        try:
+            data = self._read_outcome(job, final=status is not None)
+        except TaskError as exc:
+            data, refused = None, exc
+        if data is None and refused is None and status is None:
             return 0
         with self._lock:
             if self._active.pop(job.id, None) is None:
@@ -565,7 +587,9 @@ class Executor(concurrent.futures.Executor):
             self._release_call_file(future)
         if future.cancelled():
             return 1
-        if data is not None:
+        if refused is not None:
+            _fail(future, refused)
+        elif data is not None:
             _resolve(future, data)
         elif future._cancel_requested:
             future._mark_cancelled()
@@ -731,6 +755,8 @@ def _how_it_ended(status: JobStatus) -> str:
         return "was canceled"
     if status.signal is not None:
         return f"was killed (signal {status.signal})"
+    if status.exit_code is not None and status.exit_code > 128:  # the job script's shell
+        return f"was killed (signal {status.exit_code - 128})"
     if status.state is JobState.COMPLETED:
         return "ended"
     return "failed"
