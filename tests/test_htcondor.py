@@ -96,7 +96,7 @@ class FaultLogUnreadable(HTCondorBackend):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.event_log = self.batch_dir / "not-mounted" / "events.log"
+        self.event_log.path = self.batch_dir / "not-mounted" / "events.log"
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +306,7 @@ def test_event_log_truncated_or_unreadable_falls_back_to_the_schedd(backend):
              JobSpec(script="sleep 2\nexit 3\n", name="survives-fails")]
     jobs = backend.submit(specs)
     backend.status(jobs)
-    with open(backend.event_log, "r+") as log:  # truncated under the reader
+    with open(backend.event_log.path, "r+") as log:  # truncated under the reader
         log.truncate(0)
     done, failed = backend.wait(jobs, timeout=60)
     assert (done.state, failed.state, failed.exit_code) == (JobState.COMPLETED,

@@ -19,26 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import logging
 import math
 import os
-import pickle
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import htcondor2
 
 from gridcouple.backends.base import Backoff
 from gridcouple.backends.batch import BatchBackend, one_line
 from gridcouple.backends.batch.script import task_ids
-from gridcouple.backends.htcondor.states import FINAL_HOLDS, condor_status, to_job_state
+from gridcouple.backends.htcondor.events import EventLog, Followed
+from gridcouple.backends.htcondor.states import FINAL_HOLDS, CondorRow, row_from_ad
 from gridcouple.errors import BackendError, OptionError, QueryUnavailableError
 from gridcouple.jobs import JobSpec, JobState, JobStatus
 from gridcouple.journal import JobRecord
@@ -57,7 +55,6 @@ _ATTRIBUTES = ["ClusterId", "ProcId", "JobStatus", "HoldReason", "HoldReasonCode
                "ExitCode", "ExitBySignal", "ExitSignal", "QDate", "JobStartDate",
                "CompletionDate", "EnteredCurrentStatus", "RemoteHost", "LastRemoteHost",
                "GridcoupleTag"]
-_PRUNE_AFTER = 3600.0  # seconds a final job stays in events.state (then the history answers)
 _MATERIALIZE_FROM = 100  # procs from which a cluster is materialized late (a faster submit)
 
 
@@ -116,97 +113,6 @@ def submit_commands(spec: JobSpec, options: HTCondorOptions) -> tuple[str, ...]:
     return tuple(f"{key}={value}" for key, value in sorted(commands.items()))
 
 
-class CondorRow(NamedTuple):
-    """One job as the event log or the schedd described it last."""
-
-    job_status: int = 1
-    reason: str = ""
-    hold_code: int = 0
-    exit_code: int | None = None
-    signal: int | None = None
-    submit_time: float | None = None
-    start_time: float | None = None
-    end_time: float | None = None
-    host: str = ""
-    tag: str = ""  # the submission's tag (+GridcoupleTag, or the submit event's notes)
-
-    @property
-    def final(self) -> bool:
-        state = to_job_state(self.job_status, self.hold_code, self.exit_code, self.signal)
-        return state is not None and state.is_final
-
-    def status(self, previous: JobStatus) -> JobStatus:
-        """Our status for this row."""
-        return condor_status(self.job_status, previous, reason=self.reason,
-                             hold_code=self.hold_code, exit_code=self.exit_code,
-                             signal=self.signal, submit_time=self.submit_time,
-                             start_time=self.start_time, end_time=self.end_time, host=self.host)
-
-
-def row_from_ad(ad: Any) -> CondorRow:
-    """A row from a job ad of the queue or the history."""
-    status = ad.get("JobStatus", 0)
-    hold_code = ad.get("HoldReasonCode") if status == 5 else (
-        ad.get("LastHoldReasonCode") if status == 3 else 0)
-    reason = {1: "LastRejMatchReason", 3: "RemoveReason", 5: "HoldReason"}.get(status, "")
-    text = ad.get(reason) or "" if reason else ""
-    if status == 3 and hold_code in FINAL_HOLDS:  # removed by periodic_remove after that hold
-        text = ad.get("LastHoldReason") or text
-    return CondorRow(
-        job_status=status, reason=text, hold_code=hold_code or 0, exit_code=ad.get("ExitCode"),
-        signal=ad.get("ExitSignal") if ad.get("ExitBySignal") else None,
-        submit_time=ad.get("QDate"), start_time=ad.get("JobStartDate"),
-        end_time=(ad.get("CompletionDate") or ad.get("EnteredCurrentStatus")) if status in (
-            3, 4) else None,
-        host=ad.get("RemoteHost") or ad.get("LastRemoteHost") or "",
-        tag=ad.get("GridcoupleTag") or "")
-
-
-def apply_event(rows: dict[str, CondorRow], event: Any) -> None:
-    """Update ``rows`` with one event of the job event log."""
-    kinds = htcondor2.JobEventType
-    native_id = f"{event.cluster}.{event.proc}"
-    row, kind, when = rows.get(native_id, CondorRow()), event.type, float(event.timestamp)
-    if kind == kinds.SUBMIT:
-        row = row._replace(job_status=1, submit_time=when, tag=event.get("UserNotes", ""))
-    elif kind == kinds.EXECUTE:
-        row = row._replace(job_status=2, start_time=when, host=event.get("SlotName", ""),
-                           reason="")
-    elif kind == kinds.JOB_TERMINATED:
-        row = row._replace(job_status=4, end_time=when, exit_code=event.get("ReturnValue"),
-                           signal=event.get("TerminatedBySignal"))
-    elif kind == kinds.JOB_ABORTED:
-        row = row._replace(job_status=3, end_time=when, reason=event.get("Reason", ""))
-    elif kind == kinds.JOB_HELD:
-        row = row._replace(job_status=5, end_time=when, reason=event.get("HoldReason", ""),
-                           hold_code=event.get("HoldReasonCode", 0))
-    elif kind in (kinds.JOB_RELEASED, kinds.JOB_EVICTED):
-        row = row._replace(job_status=1, hold_code=0, reason=event.get("Reason", ""))
-    elif kind in (kinds.JOB_SUSPENDED, kinds.JOB_UNSUSPENDED):
-        row = row._replace(job_status=7 if kind == kinds.JOB_SUSPENDED else 2)
-    elif kind == kinds.REMOTE_ERROR:  # with a hold code: the job is being held for it
-        code = event.get("HoldReasonCode", 0)
-        row = row._replace(reason=event.get("ErrorMsg", ""), **(
-            {"job_status": 5, "hold_code": code, "end_time": when} if code in FINAL_HOLDS
-            else {}))
-    else:
-        return
-    rows[native_id] = row
-
-
-@dataclass
-class _Followed:
-    """What was read of the event log, kept between processes in ``events.state``."""
-
-    reader: bytes | None = None  # the pickled JobEventLog
-    inode: int = 0
-    offset: int = 0
-    rows: dict[str, CondorRow] = field(default_factory=dict)
-    reconciled: float = 0.0  # time.time() of the last schedd query
-    retrieved: set[str] = field(default_factory=set)  # spooled jobs whose output came back
-    changed: bool = False  # since loaded: to be saved
-
-
 def _configure(options: HTCondorOptions) -> None:
     """Point the (process-wide) bindings at the configured pool."""
     if options.condor_config and os.environ.get("CONDOR_CONFIG") != str(options.condor_config):
@@ -224,14 +130,16 @@ def schedd_submit(schedd: Any, description: Any, *, spool: bool = False, **kwarg
     return result
 
 
-def _constraint(native_ids: Sequence[str]) -> str:
-    """A ClassAd constraint for these jobs."""
+def _constraints(native_ids: Sequence[str], clusters: int = 50) -> list[str]:
+    """ClassAd constraints for these jobs, each of a few clusters (a constraint of 1,000
+    clauses matches nothing, silently)."""
     procs: dict[str, list[str]] = {}
     for native_id in native_ids:
         cluster, _, proc = native_id.partition(".")
         procs.setdefault(cluster, []).append(proc)
-    return " || ".join(f"(ClusterId == {c} && member(ProcId, {{{', '.join(p)}}}))"
-                       for c, p in procs.items())
+    clauses = [f"(ClusterId == {c} && member(ProcId, {{{', '.join(p)}}}))"
+               for c, p in procs.items()]
+    return [" || ".join(clauses[i:i + clusters]) for i in range(0, len(clauses), clusters)]
 
 
 def _native_id(ad: Any) -> str:
@@ -252,12 +160,9 @@ class HTCondorBackend(BatchBackend):
         super().__init__(options or HTCondorOptions(), **kwargs)
         self.backoff = Backoff(first=min(0.1, self.options.poll_interval),
                                most=self.options.poll_interval)
-        self.event_log = self.batch_dir / "events.log"
-        self._lock = threading.Lock()
-        self._followed_state = _Followed()
-        self._stamp: int | None = None
         self._reconciled_here = False
         self._warned: set[str] = set()
+        self.event_log = EventLog(self.batch_dir, self._warn_once)
         self._removed: set[str] = set()
         _configure(self.options)
 
@@ -326,7 +231,7 @@ class HTCondorBackend(BatchBackend):
                 inputs = [str(tasks), *([str(home)] if self.job_home(job_id).exists() else [])]
                 items.append({"home": str(home), "inputs": ", ".join(inputs)})
         else:
-            commands.update(transfer_executable="false", log=str(self.event_log))
+            commands.update(transfer_executable="false", log=str(self.event_log.path))
             # The schedd makes the procs after submit returns; it would ignore hold = true.
             if count >= _MATERIALIZE_FROM and "hold" not in commands:
                 commands["max_materialize"] = str(count)
@@ -357,8 +262,8 @@ class HTCondorBackend(BatchBackend):
     def list_jobs(self, with_tags: bool) -> Mapping[str, CondorRow]:
         """The jobs of this state directory: from the event log, reconciled with the schedd
         when that is due (see the module docstring); with spooling from the schedd."""
-        with self._followed() as followed:
-            readable = not self.options.spool and self._read_events(followed)
+        with self.event_log.state() as followed:
+            readable = not self.options.spool and self.event_log.read(followed)
             due = time.time() - followed.reconciled >= self.options.reconcile_interval
             if not readable or due or not self._reconciled_here:
                 self._reconcile(followed, required=not readable)
@@ -381,12 +286,12 @@ class HTCondorBackend(BatchBackend):
         if not wanted:
             return {}, ""
         try:
-            ads = {_native_id(ad): ad for ad in self.schedd.query(_constraint(list(wanted)),
-                                                                  _ATTRIBUTES)}
+            ads = {_native_id(ad): ad for constraint in _constraints(list(wanted))
+                   for ad in self.schedd.query(constraint, _ATTRIBUTES)}
             rest = [n for n in wanted if n not in ads]
-            if rest:
+            for constraint in _constraints(rest):
                 ads.update((_native_id(ad), ad) for ad in self.schedd.history(
-                    _constraint(rest), _ATTRIBUTES, match=len(rest)))
+                    constraint, _ATTRIBUTES, match=len(rest)))
         except htcondor2.HTCondorException as exc:
             raise QueryUnavailableError(f"the schedd did not answer: {one_line(str(exc))}") from exc
         found = {wanted[n].job.id: row_from_ad(ad).status(wanted[n].status)
@@ -461,7 +366,7 @@ class HTCondorBackend(BatchBackend):
             except BackendError as exc:
                 self._warn_once(f"held jobs stay in the queue: {exc}")
 
-    def _reconcile(self, followed: _Followed, *, required: bool) -> None:
+    def _reconcile(self, followed: Followed, *, required: bool) -> None:
         """One Schedd.query for all jobs of this state directory: it overrides what the log
         said; a job the log has not seen end and the queue no longer has is left to history."""
         prefix = f"gridcouple:{self.journal_key}:"
@@ -485,7 +390,7 @@ class HTCondorBackend(BatchBackend):
             if old is None or not old.final:
                 followed.rows[native_id] = row._replace(tag=row.tag or (old.tag if old else ""))
 
-    def _retrieve(self, followed: _Followed) -> None:
+    def _retrieve(self, followed: Followed) -> None:
         """Bring back the output of spooled jobs that completed (before they are reported)."""
         done = [n for n, row in followed.rows.items()
                 if row.job_status == 4 and n not in followed.retrieved]
@@ -499,61 +404,3 @@ class HTCondorBackend(BatchBackend):
             raise QueryUnavailableError(f"Schedd.retrieve failed: {one_line(str(exc))}") from exc
         followed.retrieved.update(done)
         followed.changed = True
-
-    # --- the event log ------------------------------------------------------------------------
-
-    def _read_events(self, followed: _Followed) -> bool:
-        """Read the new events; False when the log is missing, unreadable, or was truncated or
-        replaced (then read again from its start: the schedd must tell what was lost)."""
-        path = str(self.event_log)
-        try:
-            stat = os.stat(path)
-            whole = (followed.reader is not None and stat.st_ino == followed.inode
-                     and stat.st_size >= followed.offset)
-            reader = pickle.loads(followed.reader) if whole and followed.reader else \
-                htcondor2.JobEventLog(path)
-            for event in reader.events(stop_after=0):
-                apply_event(followed.rows, event)
-                followed.changed = True
-            offset = reader.__getstate__()[1]
-        except (OSError, htcondor2.HTCondorException) as exc:
-            self._warn_once(f"the event log {path} cannot be read; asking the schedd at each "
-                            f"poll: {one_line(str(exc))}")
-            return False
-        broken = followed.reader is not None and not whole
-        if broken:
-            self._warn_once(f"the event log {path} was truncated or replaced; read again from "
-                            "its start, and the schedd asked")
-        if (stat.st_ino, offset) != (followed.inode, followed.offset) or not whole:
-            followed.reader, followed.inode, followed.offset = (pickle.dumps(reader),
-                                                                stat.st_ino, offset)
-            followed.changed = True
-        return not broken
-
-    @contextlib.contextmanager
-    def _followed(self) -> Iterator[_Followed]:
-        """The followed state, loaded when another process saved it since, saved after."""
-        self.batch_dir.mkdir(parents=True, exist_ok=True)
-        path = self.batch_dir / "events.state"
-        with self._lock, open(self.batch_dir / "events.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime_ns != self._stamp:
-                    try:
-                        self._followed_state = pickle.loads(path.read_bytes())
-                    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError):
-                        self._followed_state = _Followed()
-            followed = self._followed_state
-            yield followed
-            if not followed.changed:
-                return
-            old = time.time() - _PRUNE_AFTER
-            for native_id in [n for n, row in followed.rows.items()
-                              if row.final and (row.end_time or 0) < old]:
-                del followed.rows[native_id]
-                followed.retrieved.discard(native_id)
-            followed.changed = False
-            temporary = path.with_suffix(".part")
-            temporary.write_bytes(pickle.dumps(followed))
-            temporary.replace(path)
-            self._stamp = path.stat().st_mtime_ns

@@ -10,7 +10,9 @@ and one held while its input is spooled QUEUED.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
+
+import htcondor2
 
 from gridcouple.jobs import JobState, JobStatus
 
@@ -86,3 +88,81 @@ def condor_status(job_status: int, previous: JobStatus, *, reason: str = "", hol
     return JobStatus(state=state, native_state=native, reason=reason, exit_code=exit_code,
                      signal=signal, requeue=state.order == 1 and previous.state.order == 2,
                      **details)
+
+
+class CondorRow(NamedTuple):
+    """One job as the event log or the schedd described it last."""
+
+    job_status: int = 1
+    reason: str = ""
+    hold_code: int = 0
+    exit_code: int | None = None
+    signal: int | None = None
+    submit_time: float | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+    host: str = ""
+    tag: str = ""  # the submission's tag (+GridcoupleTag, or the submit event's notes)
+
+    @property
+    def final(self) -> bool:
+        state = to_job_state(self.job_status, self.hold_code, self.exit_code, self.signal)
+        return state is not None and state.is_final
+
+    def status(self, previous: JobStatus) -> JobStatus:
+        """Our status for this row."""
+        return condor_status(self.job_status, previous, reason=self.reason,
+                             hold_code=self.hold_code, exit_code=self.exit_code,
+                             signal=self.signal, submit_time=self.submit_time,
+                             start_time=self.start_time, end_time=self.end_time, host=self.host)
+
+
+def row_from_ad(ad: Any) -> CondorRow:
+    """A row from a job ad of the queue or the history."""
+    status = ad.get("JobStatus", 0)
+    hold_code = ad.get("HoldReasonCode") if status == 5 else (
+        ad.get("LastHoldReasonCode") if status == 3 else 0)
+    reason = {1: "LastRejMatchReason", 3: "RemoveReason", 5: "HoldReason"}.get(status, "")
+    text = ad.get(reason) or "" if reason else ""
+    if status == 3 and hold_code in FINAL_HOLDS:  # removed by periodic_remove after that hold
+        text = ad.get("LastHoldReason") or text
+    return CondorRow(
+        job_status=status, reason=text, hold_code=hold_code or 0, exit_code=ad.get("ExitCode"),
+        signal=ad.get("ExitSignal") if ad.get("ExitBySignal") else None,
+        submit_time=ad.get("QDate"), start_time=ad.get("JobStartDate"),
+        end_time=(ad.get("CompletionDate") or ad.get("EnteredCurrentStatus")) if status in (
+            3, 4) else None,
+        host=ad.get("RemoteHost") or ad.get("LastRemoteHost") or "",
+        tag=ad.get("GridcoupleTag") or "")
+
+
+def apply_event(rows: dict[str, CondorRow], event: Any) -> None:
+    """Update ``rows`` with one event of the job event log."""
+    kinds = htcondor2.JobEventType
+    native_id = f"{event.cluster}.{event.proc}"
+    row, kind, when = rows.get(native_id, CondorRow()), event.type, float(event.timestamp)
+    if kind == kinds.SUBMIT:
+        row = row._replace(job_status=1, submit_time=when, tag=event.get("UserNotes", ""))
+    elif kind == kinds.EXECUTE:
+        row = row._replace(job_status=2, start_time=when, host=event.get("SlotName", ""),
+                           reason="")
+    elif kind == kinds.JOB_TERMINATED:
+        row = row._replace(job_status=4, end_time=when, exit_code=event.get("ReturnValue"),
+                           signal=event.get("TerminatedBySignal"))
+    elif kind == kinds.JOB_ABORTED:
+        row = row._replace(job_status=3, end_time=when, reason=event.get("Reason", ""))
+    elif kind == kinds.JOB_HELD:
+        row = row._replace(job_status=5, end_time=when, reason=event.get("HoldReason", ""),
+                           hold_code=event.get("HoldReasonCode", 0))
+    elif kind in (kinds.JOB_RELEASED, kinds.JOB_EVICTED):
+        row = row._replace(job_status=1, hold_code=0, reason=event.get("Reason", ""))
+    elif kind in (kinds.JOB_SUSPENDED, kinds.JOB_UNSUSPENDED):
+        row = row._replace(job_status=7 if kind == kinds.JOB_SUSPENDED else 2)
+    elif kind == kinds.REMOTE_ERROR:  # with a hold code: the job is being held for it
+        code = event.get("HoldReasonCode", 0)
+        row = row._replace(reason=event.get("ErrorMsg", ""), **(
+            {"job_status": 5, "hold_code": code, "end_time": when} if code in FINAL_HOLDS
+            else {}))
+    else:
+        return
+    rows[native_id] = row
