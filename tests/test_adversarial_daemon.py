@@ -26,7 +26,7 @@ from gridcouple.backends.local.backend import daemon_address
 from gridcouple.errors import OptionError
 from gridcouple.jobs import JobSpec, JobState, Resources
 
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 KEPT = "kept output\n"  # what the job run before every attack wrote
@@ -225,6 +225,28 @@ def test_a_corrupt_journal_row_fails_alone(victim):
     assert [s for s, _ in states] == ["failed"] * len(ids)
     assert all("journal record is unreadable" in reason for _, reason in states)
     victim.assert_unharmed()
+
+
+def test_a_corrupt_row_of_a_started_job_does_not_stop_a_new_daemon(state_dir):
+    """Taking over the jobs of an earlier daemon reads their rows: one that is corrupt is
+    FAILED, and the daemon goes on to serve."""
+    from gridcouple.journal import Journal
+
+    with Journal(state_dir / "journal.sqlite") as journal:
+        [started] = journal.add("local", [JobSpec(argv=("true",))], state=JobState.ACTIVE)
+    with contextlib.closing(sqlite3.connect(state_dir / "journal.sqlite")) as db, db:
+        db.execute("UPDATE jobs SET spec = '{oops' WHERE id = ?", (started,))
+    backend = LocalBackend(LocalOptions(slots=1, idle_exit=5), state_dir=state_dir)
+    try:
+        [job] = backend.submit([JobSpec(argv=("true",))])
+        assert backend.wait([job], timeout=30)[0].state is JobState.COMPLETED
+        with contextlib.closing(sqlite3.connect(state_dir / "journal.sqlite")) as db:
+            state, reason = db.execute("SELECT state, reason FROM jobs WHERE id = ?",
+                                       (started,)).fetchone()
+        assert state == "failed" and "journal record is unreadable" in reason
+    finally:
+        backend.stop_daemon()
+        backend.close()
 
 
 # --- the directory it is started from ---------------------------------------------------------

@@ -539,7 +539,7 @@ class Daemon:
                                         for i in started})
         except BaseException:
             for job_id in started:  # ACTIVE without a pid: never let run, so requeued
-                self._requeue(job_id, launches[job_id].home, None)
+                self._requeue(job_id, launches[job_id].home)
             for launch in launches.values():
                 self._abort(launch)
             self.needs_sync = True
@@ -626,7 +626,9 @@ class Daemon:
     def _check_command(self, command: str, path: str, cwd: str) -> None:
         """Raise CannotStart unless ``command`` names an executable file (as exec finds it
         from ``cwd`` along ``path``); a command found is trusted for RESYNC_INTERVAL."""
-        key = (command, path, cwd)
+        here = ("/" in command and not command.startswith("/")) or any(
+            not d.startswith("/") for d in path.split(os.pathsep))  # found from cwd
+        key = (command, path, cwd if here else "")
         if self.commands.get(key, 0.0) > time.monotonic():
             return
         _check_command(command, path, cwd)
@@ -698,7 +700,7 @@ class Daemon:
             outcome = None
         if outcome == "not started":
             del self.running[job_id]
-            self._requeue(job_id, run.home, run.pid)
+            self._requeue(job_id, run.home, run.pid, run.proc_start)
         else:
             self._finish(run, self._claim(outcome, run.pid, run.proc_start))
 
@@ -771,15 +773,17 @@ class Daemon:
             state, native_state=native_state, reason=reason, exit_code=exit_code, signal=signum,
             start_time=run.start_time, end_time=time.time(), host=self.host)))
 
-    def _requeue(self, job_id: int, home: Path, pid: int | None) -> None:
+    def _requeue(self, job_id: int, home: Path, pid: int | None = None,
+                 proc_start: int = 0) -> None:
         """A job the previous daemon committed but never let run goes back to the queue."""
         log.info("job %d was never started: requeued", job_id)
         self.changes.append((job_id, JobStatus(
             JobState.QUEUED, requeue=True, host=self.host,
             reason="requeued: the local daemon stopped before starting it")))
         self.extra[job_id] = {"pid": 0, "proc_start": 0}
-        if pid:
-            self.cleanup.append(home / f"{NOT_STARTED}.{pid}")
+        if pid:  # the gate's mark, and what its keeper wrote of it
+            self.cleanup += [home / f"{NOT_STARTED}.{pid}",
+                             _exit_record(self.state_dir, pid, proc_start)]
         self.needs_sync = True
 
     def _claim(self, outcome: int | str | None, pid: int, proc_start: int) -> int | None:
@@ -794,15 +798,19 @@ class Daemon:
         """Take over the jobs an earlier daemon started: adopt those running, finish those
         that ended (with the status their keeper wrote), requeue those never let run."""
         _prune_exits(self.state_dir / "exits")
-        for record in self.journal.records(self.name, active_only=True):
-            if record.status.state not in (JobState.ACTIVE, JobState.SUSPENDED) or \
-                    record.job.id in self.running:
+        started = [i for i, state, _ in self.journal.live_states(self.name)
+                   if state in (JobState.ACTIVE, JobState.SUSPENDED) and i not in self.running]
+        for job_id, record in self._records(started):
+            if isinstance(record, Exception):  # nothing to go by: not even its pid
+                self.changes.append((job_id, JobStatus(
+                    JobState.FAILED, end_time=time.time(), host=self.host,
+                    reason=f"its journal record is unreadable: {record}"[:500])))
                 continue
-            job_id, spec = record.job.id, record.job.spec
+            spec = record.job.spec
             home = job_home(self.state_dir, job_id)
             pid, proc_start = record.extra.get("pid"), record.extra.get("proc_start")
             if not isinstance(pid, int) or pid <= 0 or not isinstance(proc_start, int):
-                self._requeue(job_id, home, None)  # its gate never had the word to run
+                self._requeue(job_id, home)  # its gate never had the word to run
                 continue
             start = record.status.start_time or time.time()
             walltime = spec.resources.walltime
@@ -823,7 +831,7 @@ class Daemon:
                     continue
             outcome = _ended_unwatched(pid, proc_start, home, self.state_dir)
             if outcome == "not started":
-                self._requeue(job_id, home, pid)
+                self._requeue(job_id, home, pid, proc_start)
             else:
                 self._finish(run, self._claim(outcome, pid, proc_start),
                              kill_group=False)  # long gone: its pid may be another's now
@@ -961,9 +969,14 @@ def _become_keeper(state_dir: Path) -> None:
     except (OSError, AttributeError) as exc:
         log.warning("no keeper (%s): exit statuses of jobs are lost if the daemon dies", exc)
         return
+    execed, parent = os.pipe()  # the parent's end closes on exec: end of file here
     daemon = os.fork()
-    if daemon == 0:
+    if daemon == 0:  # serve once no other process shows the daemon's command line
+        os.close(parent)
+        os.read(execed, 1)
+        os.close(execed)
         return
+    os.close(execed)
     sys.stdout.flush()
     sys.stderr.flush()
     argv = [sys.executable, "-I", "-S", "-", "gridcouple-local-keeper", str(daemon),
@@ -975,6 +988,7 @@ def _become_keeper(state_dir: Path) -> None:
         os.dup2(source, 0)
         os.execv(sys.executable, argv)
     except OSError:  # the same, in here
+        os.close(parent)
         sys.argv = argv[3:]
         exec(compile(KEEPER, "keeper", "exec"), {"__name__": "keeper"})
         os._exit(0)
