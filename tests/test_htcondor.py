@@ -10,6 +10,7 @@ subclasses named ``Fault...``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -27,18 +28,9 @@ from pathlib import Path
 import pytest
 
 from conftest import require_service
-from htcondor_pool import (  # noqa: F401 (fixtures)
-    PoolInfo,
-    htcondor_pool_fixture,
-    htcondor_shared_dir_fixture,
-    schedd,
-)
+from htcondor_pool import PoolInfo, htcondor_pool_fixture, htcondor_shared_dir_fixture, schedd
 
-try:
-    import htcondor2  # noqa: F401 (the backend needs the bindings)
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise
+if importlib.util.find_spec("htcondor2") is None and os.environ.get("CI") != "true":
     pytest.skip("the htcondor bindings are not installed (pip install 'gridcouple[htcondor]')",
                 allow_module_level=True)
 
@@ -47,6 +39,7 @@ from gridcouple.errors import BackendError
 from gridcouple.jobs import JobSpec, JobState, Resources, StagedFile
 
 pytestmark = [pytest.mark.htcondor, pytest.mark.timeout(180)]
+__all__ = ["htcondor_pool_fixture", "htcondor_shared_dir_fixture"]  # fixtures, used by name
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
