@@ -118,7 +118,9 @@ def queue_of(cluster: str) -> list:
 def test_complete_fail_and_killed_with_metacharacters_staging_and_exit_codes(backend, tmp_path):
     source = tmp_path / "input.txt"
     source.write_text("21\n")
-    ok, fails, killed, staged = backend.submit([
+    workdir = backend.state_dir / "a work dir's \"name\" $x"
+    workdir.mkdir(parents=True, exist_ok=True)
+    ok, fails, killed, staged, placed = backend.submit([
         JobSpec(argv=("sh", "-c", 'printf "%s|%s|%s\\n" "$1" "$GC_X" "$(pwd)"', "sh",
                       METACHARACTERS), name="ok", environment={"GC_X": METACHARACTERS}),
         JobSpec(script="echo about to fail >&2\nexit 3\n", name="fails"),
@@ -126,9 +128,12 @@ def test_complete_fail_and_killed_with_metacharacters_staging_and_exit_codes(bac
         JobSpec(argv=("sh", "-c", "echo $(( $(cat input.txt) * 2 )) > answer.txt"),
                 name="staged", stage_in=(StagedFile(str(source), "input.txt"),),
                 stage_out=(StagedFile("answer.txt", "answer.txt"),)),
+        JobSpec(argv=("sh", "-c", "pwd; echo oops >&2"), name="placed", directory=str(workdir),
+                stdout="out $1 'x'.txt", stderr=str(workdir / "err.txt")),
     ])
-    assert len({j.native_id.split(".")[0] for j in (ok, fails, killed, staged)}) == 1
-    done, failed, signaled, doubled = backend.wait([ok, fails, killed, staged], timeout=60)
+    jobs = [ok, fails, killed, staged, placed]
+    assert len({j.native_id.split(".")[0] for j in jobs}) == 1
+    done, failed, signaled, doubled, there = backend.wait(jobs, timeout=60)
     assert (done.state, done.native_state, done.exit_code) == (JobState.COMPLETED, "COMPLETED", 0)
     home = backend.job_home(ok.id)
     assert backend.read_output(ok) == f"{METACHARACTERS}|{METACHARACTERS}|{home}\n"
@@ -139,6 +144,9 @@ def test_complete_fail_and_killed_with_metacharacters_staging_and_exit_codes(bac
     assert (signaled.state, signaled.signal) == (JobState.FAILED, 9)
     assert doubled.state is JobState.COMPLETED
     assert [p.read_text() for p in backend.fetch(staged, tmp_path / "out")] == ["42\n"]
+    assert there.state is JobState.COMPLETED
+    assert (workdir / "out $1 'x'.txt").read_text() == f"{workdir}\n"
+    assert (workdir / "err.txt").read_text() == "oops\n"
 
 
 def test_cancel_signals_and_suspend(backend):
