@@ -460,20 +460,9 @@ class Executor(concurrent.futures.Executor):
         return specs, path
 
     def _job_settings(self) -> tuple[str | None, dict[str, str]]:
-        """Where calls run and their environment: on a backend whose jobs share this
-        machine's files, in this directory with this process's import path (as sbatch
-        jobs do), so functions of your own modules unpickle there."""
+        """Where calls run and their environment (see :func:`job_settings`)."""
         if self._job_defaults is None:
-            environment = dict(self.environment)
-            directory = None
-            if shares_file_system(self.backend):
-                from gridcouple.coupler.session import user_import_path
-
-                directory = os.getcwd()
-                path = [*filter(None, environment.get("PYTHONPATH", "").split(os.pathsep)),
-                        *user_import_path()]
-                environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-            self._job_defaults = directory, environment
+            self._job_defaults = job_settings(self.backend, self.environment)
         return self._job_defaults
 
     def _start_threads(self) -> None:
@@ -664,6 +653,23 @@ class Executor(concurrent.futures.Executor):
 
     def __enter__(self) -> Executor:
         return self
+
+
+def job_settings(backend: Backend,
+                 environment: Mapping[str, str]) -> tuple[str | None, dict[str, str]]:
+    """The working directory and environment of jobs that unpickle your objects: on a backend
+    whose jobs share this machine's files, this directory and this process's import path
+    before ``environment``'s ``PYTHONPATH`` (as sbatch jobs do), so functions of your own
+    modules unpickle there; elsewhere the job's home and ``environment`` as given."""
+    environment = dict(environment)
+    if not shares_file_system(backend):
+        return None, environment
+    from gridcouple.coupler.session import user_import_path
+
+    path = [*filter(None, environment.get("PYTHONPATH", "").split(os.pathsep)),
+            *user_import_path()]
+    environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    return os.getcwd(), environment
 
 
 def _sees_state_directory(backend: Backend) -> bool:
