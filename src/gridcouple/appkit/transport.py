@@ -909,6 +909,14 @@ class ApplicationProxy:
                               value["type"], value["traceback"])
         return value
 
+    def interrupt(self) -> None:
+        """From any thread: shut the connection down, so that a call waiting on it fails
+        now (through ``on_lost``) and later calls fail at once."""
+        channel = self._channel
+        if channel is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(channel.sock, socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Close the connection (the application goes on running)."""
         with self._lock:

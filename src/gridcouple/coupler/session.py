@@ -151,6 +151,7 @@ class _Member:
     control: Channel | None = None  # the connection the server registered on
     outbox: deque[dict[str, Any]] = field(default_factory=deque)  # for the control connection
     wake: int = -1  # written to wake the control connection's thread
+    wake_lock: threading.Lock = field(default_factory=threading.Lock)
     last_seen: float = 0.0  # time.monotonic() of its last word on the control connection
     lost: str = ""  # why it is gone, once it is
     unreachable: bool = False  # gone silently (no heartbeat), not by a closed connection
@@ -367,8 +368,12 @@ class Coupler:
             member.proxy = ApplicationProxy(
                 member.endpoint or "", member.token, name=member.name,
                 on_lost=functools.partial(self._failure, member),
-                check_alive=functools.partial(self._check_alive, member),
-                call_timeout=self.config.section("coupler").call_timeout or None,
+                # A call waits in recv, no polling: when the server goes, its control
+                # connection's thread interrupts the proxy. With a call_timeout the wait is
+                # polled anyway, and the backend's state checked too.
+                check_alive=functools.partial(self._check_alive, member)
+                if self.settings.call_timeout else None,
+                call_timeout=self.settings.call_timeout or None,
                 channel=channel)
         return [m.proxy for m in members if m.proxy is not None]
 
@@ -501,7 +506,7 @@ class Coupler:
         if member.unreachable:
             where = f" on {member.host}" if member.host else ""
             return ApplicationUnreachableError(self._describe(
-                member, status, f"unreachable{where} ({cause})"))
+                member, status, f"unreachable{where} ({member.lost})"))
         return ApplicationFailedError(self._describe(member, status, f"failed ({cause})"))
 
     def _describe(self, member: _Member, status: JobStatus | None, what: str) -> str:
@@ -656,10 +661,16 @@ class Coupler:
         except (OSError, TransportError, ValueError) as exc:
             member.lost = member.lost or f"its control connection failed: {exc}"
         finally:
-            os.close(wake)
-            os.close(member.wake)
+            with member.wake_lock:
+                os.close(wake)
+                os.close(member.wake)
+                member.wake = -1
+            with contextlib.suppress(OSError):  # so a server that comes back ends itself
+                socket.socket.shutdown(channel.sock, socket.SHUT_RDWR)
         member.lost = member.lost or "its control connection closed"
         member.gone.set()
+        if member.proxy is not None:
+            member.proxy.interrupt()  # a call waiting on it ends now, with the story
         self._reader.forget(member.name)
 
     def _control(self, member: _Member, channel: Channel, wake: int) -> None:
@@ -695,8 +706,9 @@ class Coupler:
     def _tell(self, member: _Member, message: dict[str, Any]) -> None:
         """Send ``message`` on ``member``'s control connection (from its own thread)."""
         member.outbox.append(message)
-        with contextlib.suppress(OSError):
-            os.write(member.wake, b"\0")
+        with member.wake_lock, contextlib.suppress(OSError):
+            if member.wake >= 0:
+                os.write(member.wake, b"\0")
 
     def _attach(self, member: _Member, channel: Channel, message: dict[str, Any]) -> None:
         ticket = self._tickets.pop(str(message.get("ticket")), None)
