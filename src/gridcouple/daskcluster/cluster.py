@@ -428,8 +428,8 @@ class BatchCluster(SpecCluster):
                     for name, job in self._jobs.items()]
 
     def queue_state(self) -> str:
-        """``8 pending (QUEUED: PENDING (PartitionDown)), 0 running, 0 failed``: the worker
-        jobs not ended by the cluster, by the batch system's own words."""
+        """``8 pending (QUEUED: PENDING (PartitionDown)), 0 running (0 joined), 0 failed``:
+        the worker jobs not ended by the cluster, in the batch system's own words."""
         pending: collections.Counter[str] = collections.Counter()
         failed: collections.Counter[str] = collections.Counter()
         running = joined = 0
@@ -446,16 +446,16 @@ class BatchCluster(SpecCluster):
                         state is not JobState.COMPLETED or name not in self._joined):
                     failed[status.describe()] += 1
 
-        def counted(counter: collections.Counter[str]) -> str:
+        def counted(counter: collections.Counter[str], label: str) -> str:
             total = sum(counter.values())
             if not total:
-                return "0"
+                return f"0 {label}"
             kinds = ", ".join(f"{n} {what}" if len(counter) > 1 else what
                               for what, n in counter.most_common())
-            return f"{total} ({kinds})"
+            return f"{total} {label} ({kinds})"
 
-        return (f"{counted(pending)} pending, {running} running ({joined} joined), "
-                f"{counted(failed)} failed")
+        return (f"{counted(pending, 'pending')}, {running} running ({joined} joined), "
+                f"{counted(failed, 'failed')}")
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, {self.backend.name} jobs: {self.queue_state()})"
