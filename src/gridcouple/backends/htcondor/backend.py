@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -236,15 +236,15 @@ class HTCondorBackend(BatchBackend):
             if count >= _MATERIALIZE_FROM and "hold" not in commands:
                 commands["max_materialize"] = str(count)
         try:
-            schedd = self.schedd
-            if items is None:
-                result = schedd_submit(schedd, htcondor2.Submit(commands), count=count)
-            else:
-                result = schedd_submit(schedd, htcondor2.Submit(commands),
-                                       itemdata=iter(items), spool=True)
-                self._spool(result)
-        except (htcondor2.HTCondorException, QueryUnavailableError) as exc:
-            raise BackendError(f"Schedd.submit failed: {one_line(str(exc))}") from exc
+            with self._calling("Schedd.submit", BackendError):
+                if items is None:
+                    result = schedd_submit(self.schedd, htcondor2.Submit(commands), count=count)
+                else:
+                    result = schedd_submit(self.schedd, htcondor2.Submit(commands),
+                                           itemdata=iter(items), spool=True)
+                    self._spool(result)
+        except QueryUnavailableError as exc:  # no schedd located: nothing was submitted
+            raise BackendError(str(exc)) from exc
         cluster, start = result.cluster(), result.first_proc()
         return [f"{cluster}.{proc}" for proc in range(start, start + result.num_procs())]
 
@@ -285,15 +285,13 @@ class HTCondorBackend(BatchBackend):
         wanted = {native[r.job.id]: r for r in records if r.job.id in native}
         if not wanted:
             return {}, ""
-        try:
+        with self._calling("Schedd.query and Schedd.history"):
             ads = {_native_id(ad): ad for constraint in _constraints(list(wanted))
                    for ad in self.schedd.query(constraint, _ATTRIBUTES)}
             rest = [n for n in wanted if n not in ads]
             for constraint in _constraints(rest):
                 ads.update((_native_id(ad), ad) for ad in self.schedd.history(
                     constraint, _ATTRIBUTES, match=len(rest)))
-        except htcondor2.HTCondorException as exc:
-            raise QueryUnavailableError(f"the schedd did not answer: {one_line(str(exc))}") from exc
         found = {wanted[n].job.id: row_from_ad(ad).status(wanted[n].status)
                  for n, ad in ads.items() if n in wanted}
         recent = time.time() - self.unsubmitted_grace
@@ -340,15 +338,24 @@ class HTCondorBackend(BatchBackend):
 
     # --- the schedd ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _calling(self, what: str,
+                 error: type[BackendError] = QueryUnavailableError) -> Iterator[None]:
+        """Turn the bindings' failure into ``error``; the schedd is located again next time
+        (it may have restarted elsewhere)."""
+        try:
+            yield
+        except htcondor2.HTCondorException as exc:
+            self.__dict__.pop("schedd", None)
+            raise error(f"{what} failed: {one_line(str(exc))}") from exc
+
     def _act(self, action: Any, native_ids: Sequence[str], reason: str) -> None:
         """One Schedd.act; jobs already gone are not an error. The reason goes as a tuple (a
         plain string is dropped by the bindings)."""
         if not native_ids:
             return
-        try:
+        with self._calling(f"Schedd.act({action.name})", BackendError):
             result = self.schedd.act(action, list(native_ids), (reason, 0))
-        except htcondor2.HTCondorException as exc:
-            raise BackendError(f"{action.name} failed: {one_line(str(exc))}") from exc
         if result is not None and (result["TotalPermissionDenied"] or result["TotalError"]):
             raise BackendError(f"{action.name} of {', '.join(native_ids[:5])}: permission denied "
                                f"for {result['TotalPermissionDenied']}, errors for "
@@ -370,17 +377,15 @@ class HTCondorBackend(BatchBackend):
         """One Schedd.query for all jobs of this state directory: it overrides what the log
         said; a job the log has not seen end and the queue no longer has is left to history."""
         prefix = f"gridcouple:{self.journal_key}:"
-        try:
-            ads = self.schedd.query(f'regexp("^{prefix}", GridcoupleTag)', _ATTRIBUTES)
-        except (htcondor2.HTCondorException, QueryUnavailableError) as exc:
-            if required:
-                raise QueryUnavailableError(f"the schedd did not answer: {one_line(str(exc))}"
-                                            ) from exc
-            self._warn_once(f"the schedd did not answer; going on from the event log: "
-                            f"{one_line(str(exc))}")
-            followed.reconciled, followed.changed = time.time(), True
-            return
         self._reconciled_here, followed.reconciled, followed.changed = True, time.time(), True
+        try:
+            with self._calling("Schedd.query"):
+                ads = self.schedd.query(f'regexp("^{prefix}", GridcoupleTag)', _ATTRIBUTES)
+        except QueryUnavailableError as exc:
+            if required:
+                raise
+            self._warn_once(f"going on from the event log: {exc}")
+            return
         queued = {_native_id(ad): row_from_ad(ad) for ad in ads}
         for native_id, row in list(followed.rows.items()):
             if not row.final and native_id not in queued:
@@ -397,10 +402,11 @@ class HTCondorBackend(BatchBackend):
         if not done:
             return
         try:
-            self.schedd.retrieve(done)
-        except htcondor2.HTCondorException as exc:
+            with self._calling("Schedd.retrieve"):
+                self.schedd.retrieve(done)
+        except QueryUnavailableError:
             for native_id in done:
                 del followed.rows[native_id]  # not final until their output is here
-            raise QueryUnavailableError(f"Schedd.retrieve failed: {one_line(str(exc))}") from exc
+            raise
         followed.retrieved.update(done)
         followed.changed = True
