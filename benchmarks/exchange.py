@@ -230,6 +230,16 @@ def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
     return statistics.median(b / own for b, own in zip(times[base], times[name], strict=True))
 
 
+def raw_field(sock: socket.socket, out: np.ndarray) -> np.ndarray:
+    """The field from a raw TCP peer (see :func:`_answer`), into ``out``."""
+    view = memoryview(out).cast("B")
+    sock.sendall(b"f")
+    done = 0
+    while done < FIELD_BYTES:
+        done += sock.recv_into(view[done:])
+    return out
+
+
 def prefaulted(shape: tuple[int, ...]) -> np.ndarray:
     """An array whose pages are all touched, so receiving into it measures the copy alone."""
     array = np.empty(shape)
@@ -270,22 +280,14 @@ def run(args: argparse.Namespace, results: dict[str, float]) -> None:
 
         results["latency raw TCP"] = latency_us(raw_ping, args.calls)
 
-        def raw_field(out: np.ndarray) -> np.ndarray:
-            view = memoryview(out).cast("B")
-            raw.sendall(b"f")
-            done = 0
-            while done < FIELD_BYTES:
-                done += raw.recv_into(view[done:])
-            return out
-
         proxy.make_field()
         refs = []
         times = itertools.count()  # each ref write is the version of another time
         source = np.random.default_rng(0).random(FIELD_SHAPE)
         target, received, read_into = (prefaulted(FIELD_SHAPE) for _ in range(3))
         interleaved({
-            "raw TCP": lambda: raw_field(received),
-            "raw TCP, fresh buffer": lambda: raw_field(np.empty(FIELD_SHAPE)),
+            "raw TCP": lambda: raw_field(raw, received),
+            "raw TCP, fresh buffer": lambda: raw_field(raw, np.empty(FIELD_SHAPE)),
             "copy": lambda: proxy.get_field("big", 0.0),
             "ref write": lambda: refs.append(
                 proxy.get_field("big", float(next(times)), mode="ref")),
@@ -569,14 +571,6 @@ def cross_client(spec_text: str) -> None:
         lambda name: info if name == "bench" else None,
         lambda member: connect(member.endpoint, spec["fields_token"], name="fields:reader",
                                tls=tls)))
-
-    def raw_field(sock: socket.socket, out: np.ndarray) -> np.ndarray:
-        view = memoryview(out).cast("B")
-        sock.sendall(b"f")
-        done = 0
-        while done < FIELD_BYTES:
-            done += sock.recv_into(view[done:])
-        return out
 
     received, read_into = prefaulted(FIELD_SHAPE), prefaulted(FIELD_SHAPE)
     times = interleaved({
