@@ -428,8 +428,8 @@ def uninstall(session: SessionReader) -> None:
 def _resolve(ref: FieldRef) -> Any:
     with _sessions_lock:
         sessions = list(_sessions)
-    if not sessions:
-        return direct_reader(ref.store_url) if _is_local(ref.store_url) else check_ref(ref, None)
+    if not sessions:  # uninstalled meanwhile
+        return check_ref(ref, None)
     for session in sessions[:-1]:  # several couplers in one process: the one that knows it
         info = session.lookup(ref.producer) if ref.producer else None
         if info is not None and info.store == ref.store_url:
