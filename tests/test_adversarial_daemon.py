@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from gridcouple.backends.local import LocalBackend, LocalOptions
 from gridcouple.backends.local.backend import daemon_address
-from gridcouple.errors import OptionError
+from gridcouple.errors import BackendError, OptionError
 from gridcouple.jobs import JobSpec, JobState, Resources
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
@@ -182,7 +182,7 @@ def test_a_job_that_cannot_start_fails_alone_with_its_reason(victim, tmp_path):
     bad = victim.backend.submit([
         JobSpec(argv=("echo", "a\0b"), name="nul-in-argv"),
         JobSpec(argv=("true",), environment={"A=B": "1"}, name="equals-in-key"),
-        JobSpec(argv=("true",), environment={"A": "x\0y"}, name="nul-in-value"),
+        JobSpec(argv=("true",), environment={"TOKEN": "s3cret\0"}, name="nul-in-value"),
         JobSpec(argv=("true",), environment={"A": 1}, name="not-text"),  # type: ignore[dict-item]
         JobSpec(argv=("true",), stdout=str(tmp_path / "missing" / "out"), name="stdout-dir"),
         JobSpec(argv=("true",), stderr=str(tmp_path / "missing" / "err"), name="stderr-dir"),
@@ -200,6 +200,9 @@ def test_a_job_that_cannot_start_fails_alone_with_its_reason(victim, tmp_path):
     assert by_name["not-found"].exit_code == 127 and by_name["not-executable"].exit_code == 126
     assert "no-such-command-gc" in victim.backend.read_output(bad[8], "stderr")
     assert "gridcouple: cannot start" in victim.backend.read_output(bad[4], "stderr")
+    assert "TOKEN" in by_name["nul-in-value"].reason  # named, its value never shown
+    assert "s3cret" not in by_name["nul-in-value"].reason + victim.backend.read_output(
+        bad[2], "stderr") + (victim.backend.state_dir / "local-daemon.log").read_text()
     victim.assert_unharmed()
 
 
@@ -247,6 +250,34 @@ def test_a_corrupt_row_of_a_started_job_does_not_stop_a_new_daemon(state_dir):
     finally:
         backend.stop_daemon()
         backend.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_another_user_holding_the_socket_name_is_an_error_not_a_hang(state_dir):
+    """The abstract socket namespace is open to every local user: a client must not take a
+    stranger's socket for its daemon (it would wait for ever, telling it its options)."""
+    ready, told = os.pipe()
+    squatter = os.fork()
+    if squatter == 0:  # pragma: no cover (the child)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(daemon_address(state_dir))
+            sock.listen(8)
+            os.write(told, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        backend = LocalBackend(LocalOptions(slots=1, idle_exit=5), state_dir=state_dir)
+        with pytest.raises(BackendError, match="uid 65534 holds the local daemon's socket"):
+            backend.wake_daemon()
+        backend.close()
+    finally:
+        os.kill(squatter, signal.SIGKILL)
+        os.waitpid(squatter, 0)
 
 
 # --- the directory it is started from ---------------------------------------------------------

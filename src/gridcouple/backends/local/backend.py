@@ -16,6 +16,7 @@ import math
 import os
 import signal as signal_module
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -68,6 +69,23 @@ def daemon_address(state_dir: Path, name: str = "local") -> str:
     peer's uid."""
     suffix = "" if name == "local" else f"#{name}"
     return "\0gridcouple-local:" + str(Path(state_dir).resolve()) + suffix
+
+
+def socket_peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket."""
+    return int(struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1])
+
+
+def peer_uid(address: str) -> int | None:
+    """The uid of the process listening on a Unix socket address (None if none listens)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(address)
+            return socket_peer_uid(sock)
+        except OSError:
+            return None
 
 
 def process_start(pid: int) -> int | None:
@@ -290,6 +308,11 @@ class LocalBackend(SharedFileSystem, Backend):
             sock.settimeout(5.0)
             try:
                 sock.connect(daemon_address(self.state_dir, self.name))
+                holder = socket_peer_uid(sock)  # the name is in a namespace open to all users
+                if holder != os.getuid():
+                    raise BackendError(
+                        f"uid {holder} holds the local daemon's socket name for "
+                        f"{self.state_dir}: no daemon of yours can serve it")
                 sock.sendall(json.dumps(message).encode() + b"\n")
             except (ConnectionRefusedError, FileNotFoundError):
                 return False

@@ -40,7 +40,6 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -52,6 +51,8 @@ from gridcouple.backends.local.backend import (
     LocalOptions,
     daemon_address,
     environment_file,
+    peer_uid,
+    socket_peer_uid,
 )
 from gridcouple.backends.shared_fs import job_home, output_file, working_directory
 from gridcouple.errors import JobNotFoundError
@@ -205,7 +206,12 @@ class Daemon:
         try:
             listener.bind(daemon_address(self.state_dir, self.name))
         except OSError:
-            log.info("another daemon already serves %s", self.state_dir)
+            holder = peer_uid(daemon_address(self.state_dir, self.name))
+            if holder not in (None, os.getuid()):
+                log.error("uid %d holds the socket name of %s: no daemon can serve it",
+                          holder, self.state_dir)
+            else:
+                log.info("another daemon already serves %s", self.state_dir)
             return 0
         listener.listen(256)
         listener.setblocking(False)
@@ -311,8 +317,7 @@ class Daemon:
                 self.accept_paused_until = time.monotonic() + 0.1
                 return
             try:
-                uid = struct.unpack("3i", conn.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+                uid = socket_peer_uid(conn)
             except OSError:
                 conn.close()
                 continue
@@ -874,11 +879,13 @@ def _exited(pid: int) -> int | None:
 
 def _check_environment(environment: Mapping[Any, Any]) -> None:
     """Raise CannotStart unless every variable has a name without '=' and NUL, and a text
-    value without NUL."""
+    value without NUL (the message never shows a value: it may be a secret)."""
     for key, value in environment.items():
-        if not (isinstance(key, str) and isinstance(value, str)) or not key or "=" in key \
-                or "\0" in key or "\0" in value:
-            raise CannotStart(f"cannot start: bad environment variable {key!r}={value!r}"[:300])
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise CannotStart(f"cannot start: bad environment variable name {key!r}"[:300])
+        if not isinstance(value, str) or "\0" in value:
+            raise CannotStart(f"cannot start: the value of environment variable {key!r} is "
+                              f"not text without NUL"[:300])
 
 
 def _check_command(command: str, path: str, cwd: str) -> None:
