@@ -55,7 +55,6 @@ from gridcouple.appkit.transport import (
     FIELDS_PEER,
     AuthenticationError,
     Channel,
-    ConnectionLostError,
     TransportError,
     connect,
 )
@@ -218,20 +217,30 @@ class RemoteSource:
 
     def get(self, key: str, start: int | None = None, end: int | None = None,
             suffix: int | None = None) -> bytes | None:
-        reply = self._call("get", [check_key(key), start, end, suffix])
-        return None if reply is None else memoryview(reply).cast("B").tobytes()
+        reply = self._bytes(self._call("get", [check_key(key), start, end, suffix]))
+        return None if reply is None else reply.tobytes()
 
     def read_into(self, key: str, target: memoryview) -> int:
-        reply = self._call("get", [check_key(key), 0, target.nbytes, None], into=target)
+        reply = self._bytes(self._call("get", [check_key(key), 0, target.nbytes, None],
+                                       into=target))
         if reply is None:
             return 0
-        got = memoryview(reply).nbytes
+        got = reply.nbytes
         if got != target.nbytes:
             raise FieldUnavailableError(f"{key} from {self.info.describe()}: {got} bytes, "
                                         f"expected {target.nbytes}")
         if not _shares_memory(reply, target):
-            target[:] = memoryview(reply).cast("B")
+            target[:] = reply.data
         return got
+
+    def _bytes(self, reply: Any) -> np.ndarray | None:
+        """A ``get`` reply: None, or the bytes as a flat uint8 array; anything else is the
+        producer's fault."""
+        if reply is None or (isinstance(reply, np.ndarray) and reply.dtype == np.uint8
+                             and reply.ndim == 1):
+            return reply
+        raise FieldUnavailableError(f"{self.info.describe()} answered a read with "
+                                    f"{type(reply).__name__}, not bytes")
 
     def list_dir(self, prefix: str) -> list[str]:
         names = self._call("list_dir", [check_key(prefix) if prefix else ""])
@@ -257,9 +266,7 @@ class RemoteSource:
             try:
                 channel.send([method, args, {}])
                 reply = channel.receive(into)
-            except (OSError, ConnectionLostError) as exc:
-                raise self._gone(exc) from None
-            except TransportError as exc:
+            except (OSError, TransportError, ValueError) as exc:  # ValueError: a bad frame
                 raise self._gone(exc) from None
         if not (isinstance(reply, list) and len(reply) == 2 and reply[0] in (0, 1)):
             raise FieldUnavailableError(f"{self.info.describe()} answered {method} with "
@@ -303,7 +310,7 @@ class RemoteSource:
 
 def _shares_memory(array: Any, target: memoryview) -> bool:
     try:
-        return bool(np.shares_memory(np.asarray(array), np.frombuffer(target, dtype=np.uint8)))
+        return bool(np.may_share_memory(np.asarray(array), np.frombuffer(target, np.uint8)))
     except (TypeError, ValueError):
         return False
 
