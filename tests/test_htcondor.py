@@ -463,6 +463,7 @@ def test_a_server_killed_mid_step_is_reported_within_5_s_with_its_stderr(
                           cwd=htcondor_shared_dir, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     elapsed, message, job = json.loads(result.stdout.splitlines()[-1])
+    print(f"the server's end reported after {elapsed:.1f} s")
     assert elapsed < 5.5, message
     assert f"application victim (test_appkit_apps:Sleeper), job {job}" in message
     assert "job state FAILED: COMPLETED [killed by SIGKILL]" in message
