@@ -31,6 +31,7 @@ class StatusWatcher:
         self._watched: set[int] = set()
         self._interval = backend.backoff.first
         self._due = 0.0  # monotonic time of the next native query
+        self._expected = 0  # expect_change calls, to tell whether one came during a query
 
     def status(self, jobs: Sequence[Job]) -> list[JobStatus]:
         """Statuses in the order of ``jobs``: fresh when a poll was due, else as last seen."""
@@ -54,6 +55,7 @@ class StatusWatcher:
         if not records:
             return []
         self.queries += 1
+        expected = self._expected
         try:
             fresh = self.backend.query(records)
         except QueryUnavailableError:
@@ -62,6 +64,9 @@ class StatusWatcher:
         changed = self.backend.record(records, fresh)
         states = {r.job.id: r.status.state for r in records}
         moved = any(fresh[i].state is not states[i] for i in changed)
+        if self._expected != expected:  # a change was announced while the query ran
+            self._interval, self._due = backoff.first, 0.0
+            return changed
         self._interval = backoff.first if moved else min(self._interval * backoff.factor,
                                                          backoff.most)
         self._due = time.monotonic() + self._interval
@@ -69,10 +74,12 @@ class StatusWatcher:
 
     def expect_change(self) -> None:
         """Jobs were just submitted, canceled, held or released through this backend: what
-        was seen before is out of date, so the next caller's status polls (once, for all)."""
-        with self._lock:
-            self._interval = self.backend.backoff.first
-            self._due = 0.0
+        was seen before is out of date, so the next caller's status polls (once, for all).
+        Without the lock: a submit must not wait for another thread's query under way (which
+        then leaves the next poll due at once, as it may have missed the change)."""
+        self._expected += 1
+        self._interval = self.backend.backoff.first
+        self._due = 0.0
 
     def pause(self) -> float:
         """Seconds until the next native query is due."""
