@@ -128,6 +128,34 @@ def test_cancel_before_and_after_start(local_backend):
     done.shutdown()
 
 
+SCRIPT = """
+import sys
+from gridcouple import Executor
+from gridcouple.backends.local import LocalBackend, LocalOptions
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+def double(point):
+    return Point(2 * point.x)
+
+backend = LocalBackend(LocalOptions(slots=2, idle_exit=2), state_dir=sys.argv[1])
+with Executor(backend) as executor:
+    print([p.x for p in executor.map(double, [Point(1), Point(2)])])
+backend.stop_daemon()
+"""
+
+
+def test_functions_and_classes_of_the_script_itself_travel_by_value(tmp_path):
+    script = tmp_path / "script.py"  # its functions live in __main__, unknown to the runner
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "[2, 4]\n"
+
+
 class FaultForeignOutcome:
     """Fault injection: an outcome file that others may write appears in a job's home before
     the job writes its own (no other user can write there on a real system)."""

@@ -46,12 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cloudpickle  # type: ignore[import-untyped]
+
 from gridcouple.backends import open_backend
 from gridcouple.backends.base import Backend
 from gridcouple.backends.shared_fs import SharedFileSystem, shares_file_system
 from gridcouple.config import Config, load_config
 from gridcouple.errors import BackendError, GridcoupleError, QueryUnavailableError
-from gridcouple.executor.runner import CALL_NAME, RESULT_NAME, CallFileWriter, dumps
+from gridcouple.executor.runner import CALL_NAME, RESULT_NAME, CallFileWriter
 from gridcouple.jobs import Job, JobSpec, JobState, JobStatus, Resources, StagedFile
 
 log = logging.getLogger(__name__)
@@ -670,6 +672,13 @@ def job_settings(backend: Backend,
             *user_import_path()]
     environment["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
     return os.getcwd(), environment
+
+
+def dumps(obj: Any) -> bytes:
+    """cloudpickle: what plain pickle would send by reference to this process's
+    ``__main__`` (your script's functions and classes), it sends by value; functions of
+    importable modules by reference."""
+    return bytes(cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _sees_state_directory(backend: Backend) -> bool:
