@@ -34,6 +34,9 @@ from gridcouple.appkit.data import Field, Property, TimeStep
 from gridcouple.appkit.store import FieldRef, FieldStore, new_scratch_root
 
 FIELD_STORE_ENV = "GRIDCOUPLE_FIELD_STORE"
+#: The name the application server serves its application under: the producer its field
+#: store's refs name (set by gridcouple.appkit.server before it creates the application).
+store_producer = ""
 
 # Python name -> MuPIF name. Both names exist on every Application.
 MUPIF_NAMES: dict[str, str] = {
@@ -64,6 +67,7 @@ class Application:
     _background: threading.Thread | None = None
     _background_error: BaseException | None = None
     _field_store: FieldStore | None = None
+    _field_store_scratch: str | None = None  # a directory the store property made
     _field_buffers: dict[str, np.ndarray] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -199,13 +203,14 @@ class Application:
     @property
     def field_store(self) -> FieldStore:
         """Where ``get_field(..., mode="ref")`` writes: ``$GRIDCOUPLE_FIELD_STORE``, else a
-        fresh directory (in /dev/shm when there is one)."""
+        fresh directory (in /dev/shm when there is one), which the application server removes
+        when it ends."""
         if self._field_store is None:
             url = os.environ.get(FIELD_STORE_ENV)
             if not url:
                 base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-                url = new_scratch_root(base)
-            self._field_store = FieldStore(url)
+                url = self._field_store_scratch = new_scratch_root(base)
+            self._field_store = FieldStore(url, producer=store_producer)
         return self._field_store
 
     @field_store.setter

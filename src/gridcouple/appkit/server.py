@@ -40,6 +40,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -51,9 +52,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gridcouple.appkit import remote
-from gridcouple.appkit.application import FIELD_STORE_ENV, Application
-from gridcouple.appkit.store import FieldStore, new_scratch_root
+from gridcouple.appkit import application, remote
+from gridcouple.appkit.application import Application
+from gridcouple.appkit.store import FieldStore
 from gridcouple.appkit.transport import (
     Channel,
     Limits,
@@ -77,6 +78,7 @@ SCHEDULER_TLS_ENV = "GRIDCOUPLE_SCHEDULER_TLS"  # JSON: Security keyword argumen
 HEARTBEAT_ENV = "GRIDCOUPLE_HEARTBEAT"  # "interval,silence" in seconds
 TLS_DIR_ENV = "GRIDCOUPLE_TLS_DIR"  # this host's ca.pem, cert.pem, key.pem (gridcouple certs)
 JOIN_HANDLER = "gridcouple_join"
+_PRODUCER_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 HEARTBEAT_INTERVAL = 1.0  # seconds between the coupler's pings
 COUPLER_SILENCE = 20.0  # seconds without a word from the coupler before a server gives up
 
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gridcouple app server: error: {exc}", file=sys.stderr)
         return 2
     name = args.name or os.environ.get(JOB_NAME_ENV) or cls.__name__
+    application.store_producer = name if _PRODUCER_NAME.fullmatch(name) else ""
     app = cls()
     store, scratch = _open_store(app, name)
     fields_token = os.environ.get(remote.FIELD_TOKEN_ENV, "")
@@ -192,23 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _open_store(app: Application, name: str) -> tuple[FieldStore | None, str | None]:
-    """The application's field store, made now so the coupler learns where it is: the one
-    the coupler named, else a new directory in this host's scratch (returned second, to be
-    removed at the end). None for an object whose store is not the kit's."""
+    """The application's field store, made now (if its ``__init__`` did not) so the coupler
+    learns where it is: the one the coupler named, else a new directory in this host's
+    scratch (returned second, to be removed at the end)."""
     if not isinstance(app, Application):
         return None, None
-    if app._field_store is not None:
-        store = app._field_store
-        if not store.producer:
-            store.producer = name
-        return store, None
-    url = os.environ.get(FIELD_STORE_ENV)
-    scratch = None
-    if not url:
-        url = scratch = new_scratch_root("/dev/shm" if os.path.isdir("/dev/shm") else None)
-    store = FieldStore(url, producer=name)
-    app.field_store = store
-    return store, scratch
+    store = app.field_store
+    if not store.producer and _PRODUCER_NAME.fullmatch(name):
+        store.producer = name  # a store the class made itself
+    return store, app._field_store_scratch
 
 
 def _remove_scratch(scratch: str | None) -> None:
