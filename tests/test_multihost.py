@@ -130,6 +130,8 @@ def test_only_the_chunks_asked_for_travel_between_hosts(config, testhosts):
             return producer.served()["chunks"].get(ARRAY, 0)
 
         expected = values()
+        np.testing.assert_array_equal(producer.get_field("temperature", 0.5).values, expected)
+        assert producer.served()["requests"] == 0  # a copy comes over the call's channel
         assert consumer.read_rows(ref, 8, 16) == expected[8:16].sum()
         assert chunks() == 1  # rows 8-15: the second chunk, and nothing else
         assert consumer.read_rows(ref, 20, 30) == expected[20:30].sum()
