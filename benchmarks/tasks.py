@@ -77,6 +77,17 @@ def count_calls(directory: Path) -> int:
 # --- the Executor against submitit -----------------------------------------------------------
 
 
+def all_results(executor: Any, n: int) -> tuple[float, float]:
+    """``map_array`` of ``n`` trivial calls (both sides have it, and ``result()`` on what it
+    returns): seconds until it returned, and until the last result was back."""
+    start = time.perf_counter()
+    handles = executor.map_array(trivial, range(n))
+    returned = time.perf_counter() - start
+    values = [h.result() for h in handles]
+    assert values == [i + 1 for i in range(n)]
+    return returned, time.perf_counter() - start
+
+
 class Ours:
     def __init__(self, root: Path) -> None:
         from gridcouple import Executor
@@ -103,12 +114,7 @@ class Ours:
         return loop, submitted, self.parked.submissions - before
 
     def results(self, n: int) -> tuple[float, float]:
-        start = time.perf_counter()
-        futures = self.debug.map_array(trivial, range(n))
-        returned = time.perf_counter() - start
-        values = [f.result() for f in futures]
-        assert values == [i + 1 for i in range(n)]
-        return returned, time.perf_counter() - start
+        return all_results(self.debug, n)
 
     def close(self) -> None:
         self.parked.shutdown(cancel_futures=True)
@@ -138,12 +144,7 @@ class Submitit:
         return seconds, seconds, len({j.job_id for j in jobs})
 
     def results(self, n: int) -> tuple[float, float]:
-        start = time.perf_counter()
-        jobs = self.debug.map_array(trivial, range(n))
-        returned = time.perf_counter() - start
-        values = [j.result() for j in jobs]
-        assert values == [i + 1 for i in range(n)]
-        return returned, time.perf_counter() - start
+        return all_results(self.debug, n)
 
 
 # --- BatchCluster against dask-jobqueue ---------------------------------------------------

@@ -2,7 +2,7 @@
 (docs/dask.md). The code lives in :mod:`gridcouple.daskcluster`; this module only names it,
 and imports the real dask absolutely like every module of the package."""
 
-from gridcouple.daskcluster import (
+from gridcouple.daskcluster.cluster import (
     BatchAdaptive,
     BatchCluster,
     BatchWorker,

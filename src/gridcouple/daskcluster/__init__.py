@@ -1,15 +1,2 @@
-"""dask.distributed clusters whose workers are gridcouple batch jobs (docs/dask.md).
-
-Import it as :mod:`gridcouple.dask`."""
-
-from gridcouple.daskcluster.cluster import (
-    BatchAdaptive,
-    BatchCluster,
-    BatchWorker,
-    WorkerJob,
-    WorkerStartError,
-    WorkerStartTimeout,
-)
-
-__all__ = ["BatchAdaptive", "BatchCluster", "BatchWorker", "WorkerJob", "WorkerStartError",
-           "WorkerStartTimeout"]
+"""dask.distributed clusters whose workers are gridcouple batch jobs (docs/dask.md): the code
+behind :mod:`gridcouple.dask`, which names what to import."""

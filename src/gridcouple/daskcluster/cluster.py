@@ -49,12 +49,11 @@ from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.spec import ProcessInterface, SpecCluster
 
-from gridcouple.backends import open_backend
 from gridcouple.backends.base import Backend
-from gridcouple.config import Config, CouplerSection, is_loopback_host, load_config
+from gridcouple.config import Config, CouplerSection, is_loopback_host
 from gridcouple.daskcluster.worker import TLS_ENV
 from gridcouple.errors import GridcoupleError, QueryUnavailableError
-from gridcouple.executor.core import job_settings
+from gridcouple.executor.core import backend_of, job_settings
 from gridcouple.jobs import Job, JobSpec, JobState, JobStatus, Resources
 from gridcouple.tls_scheduler import (
     configured_tls,
@@ -215,14 +214,7 @@ class BatchCluster(SpecCluster):
                  death_timeout: float = 60.0, asynchronous: bool = False, loop: Any = None,
                  silence_logs: int | str | bool = logging.WARNING,
                  name: str | None = None) -> None:
-        if isinstance(backend, Backend):
-            self.config = config if isinstance(config, Config) else None
-            self.backend = backend
-            self._own_backend = False
-        else:
-            self.config = config if isinstance(config, Config) else load_config(config)
-            self.backend = open_backend(self.config, backend)
-            self._own_backend = True
+        self.config, self.backend, self._own_backend = backend_of(backend, config)
         if not self.backend.hosts_applications:
             raise GridcoupleError(f"the {self.backend.name} backend is simulated: it cannot "
                                   "run dask workers")

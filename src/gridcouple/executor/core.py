@@ -221,14 +221,7 @@ class Executor(concurrent.futures.Executor):
                  attributes: Mapping[str, Any] | None = None,
                  cost: Callable[..., float] | None = None,
                  keep_files: bool = False) -> None:
-        if isinstance(backend, Backend):
-            self.config = config if isinstance(config, Config) else None
-            self.backend = backend
-            self._own_backend = False
-        else:
-            self.config = config if isinstance(config, Config) else load_config(config)
-            self.backend = open_backend(self.config, backend)
-            self._own_backend = True
+        self.config, self.backend, self._own_backend = backend_of(backend, config)
         self.resources = resources or Resources()
         self.environment = dict(environment or {})
         self.attributes = dict(attributes or {})
@@ -655,6 +648,16 @@ class Executor(concurrent.futures.Executor):
 
     def __enter__(self) -> Executor:
         return self
+
+
+def backend_of(backend: str | Backend | None, config: Config | str | os.PathLike[str] | None,
+               ) -> tuple[Config | None, Backend, bool]:
+    """The configuration, the backend and whether the caller opened it (and closes it): an
+    open ``backend`` as it is, else the one its name (or the configuration) names."""
+    if isinstance(backend, Backend):
+        return (config if isinstance(config, Config) else None), backend, False
+    loaded = config if isinstance(config, Config) else load_config(config)
+    return loaded, open_backend(loaded, backend), True
 
 
 def job_settings(backend: Backend,
