@@ -4,6 +4,7 @@ computation; the monte-carlo recipe. The functions the jobs run are in executor_
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from gridcouple.cli import app, jobs, run, simulate  # noqa: F401  (main registe
 from gridcouple.executor import PredictedCall, RemoteTraceback
 from gridcouple.executor.runner import CallFileWriter, dumps
 from gridcouple.jobs import JobState, Resources
+from gridcouple.recipes.monte_carlo import throw_darts
 from htcondor_pool import htcondor_pool_fixture  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.timeout(180)
@@ -193,6 +195,29 @@ def test_the_job_refuses_a_call_file_others_may_read(tmp_path):
     assert refused.returncode == 2
     assert f"refusing the call file {path}: owned by uid {os.getuid()} with mode 644" in \
         refused.stderr
+
+
+# --- a job manager: no shared file system -------------------------------------------------
+
+
+def test_a_job_manager_runs_calls_with_their_files_staged_and_fetched(tmp_path):
+    """The partner lists this interpreter among its commands; calls travel as uploaded call
+    files and come back as downloaded outcomes (functions of modules its Python imports)."""
+    from test_jobman_backend import client_config
+    from test_jobman_helpers import running_jobman
+
+    with running_jobman(tmp_path / "jm", commands=[sys.executable]) as jm, \
+            Executor("partner-a", config=client_config(tmp_path, jm, python=sys.executable),
+                     ) as executor:
+        futures = executor.map_array(throw_darts, [1, 2], [2000, 2000])
+        assert [f.result(timeout=60) for f in futures] == [throw_darts(1, 2000),
+                                                           throw_darts(2, 2000)]
+        assert executor.submissions == 1
+        with pytest.raises(ValueError, match="not defined for negative") as raised:
+            executor.submit(math.factorial, -1).result(timeout=60)
+        assert raised.value.remote_traceback.endswith(
+            "ValueError: factorial() not defined for negative values\n")
+    assert list((tmp_path / "client-state" / "tasks").iterdir()) == []
 
 
 # --- the simulator --------------------------------------------------------------------------
