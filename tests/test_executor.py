@@ -22,6 +22,7 @@ from conftest import require_slurm
 from gridcouple import Executor, GridcoupleError, TaskDiedError, TaskError
 from gridcouple.backends.slurm import SlurmBackend, SlurmOptions
 from gridcouple.cli import app, jobs, run, simulate  # noqa: F401  (main registers them so)
+from gridcouple.errors import BackendError
 from gridcouple.executor import PredictedCall, RemoteTraceback
 from gridcouple.executor.runner import CallFileWriter, dumps
 from gridcouple.jobs import JobState, Resources
@@ -313,6 +314,10 @@ def test_slurm_cancel_before_start_shows_the_pending_reason(tmp_path):
         assert future.cancel() and future.cancelled()
         status, = backend.wait([future.job], timeout=30)
         assert status.state is JobState.CANCELED
+        with Executor(backend, attributes={"slurm.partition": "nosuch"}) as refused, \
+                pytest.raises(BackendError, match="invalid partition"):
+            refused.map_array(tasks.square, range(3))  # raised at once, in Slurm's words
+    assert list((tmp_path / "state" / "tasks").iterdir()) == []  # no call file left behind
 
 
 # --- HTCondor -------------------------------------------------------------------------------

@@ -385,7 +385,7 @@ class Executor(concurrent.futures.Executor):
             try:
                 jobs = self.backend.submit(specs)
             except BaseException as exc:
-                if path is not None:
+                if self._shared and path is not None:
                     path.unlink(missing_ok=True)
                 for call in calls:
                     _fail(call.future, exc)
