@@ -403,6 +403,45 @@ def test_a_new_daemon_requeues_what_never_ran_and_ends_what_ended_unwatched(stat
         backend.close()
 
 
+def test_gates_spawned_ahead_close_without_running_their_job(local_backend, tmp_path):
+    """The next waiting jobs get their gate (a blocked shell) ahead of their start; a job
+    canceled or held meanwhile never runs, and its gate ends."""
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    blockers = local_backend.submit([sh("sleep 30"), sh("sleep 30")])
+    canceled, held = local_backend.submit([sh(f"touch {ran}/{name}", name=name)
+                                           for name in ("canceled", "held")])
+    gates = {job.id: _gate_pid(local_backend, job.id) for job in (canceled, held)}
+    local_backend.cancel([canceled])
+    local_backend.hold([held])
+    local_backend.wake_daemon()
+    _wait_until(lambda: not any(_alive(pid) for pid in gates.values()))
+    local_backend.cancel(blockers)
+    local_backend.wait(blockers, timeout=15)
+    assert local_backend.status([canceled, held])[0].state is JobState.CANCELED
+    assert local_backend.status([held])[0].state is JobState.HELD
+    time.sleep(0.3)
+    assert not list(ran.iterdir())
+    local_backend.release([held])
+    assert local_backend.wait([held], timeout=15)[0].state is JobState.COMPLETED
+    assert [p.name for p in ran.iterdir()] == ["held"]
+
+
+def _gate_pid(backend: LocalBackend, job_id: int) -> int:
+    home = str(backend.job_home(job_id)).encode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"gridcouple-gate" in cmdline and home + b"/.not-started" in cmdline:
+                return int(proc.name)
+        time.sleep(0.02)
+    raise AssertionError(f"no gate for job {job_id}")
+
+
 def _alive(pid: int) -> bool:
     try:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()

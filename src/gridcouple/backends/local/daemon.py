@@ -17,6 +17,8 @@ and only then lets the gate ``exec`` the job. Should the daemon die on the way, 
 end-of-file and exits without running anything, leaving ``.not-started.PID`` in the job's home.
 So the next daemon knows every job: ACTIVE without a pid, or with a gate that never opened, never
 ran and is requeued; the others are adopted by pid (checked against the process start time).
+The gates of the next :data:`READY_GATES` waiting jobs are spawned ahead, while the slots are
+busy, so that the shell's start-up is not in the way of a job's start.
 
 **Exit statuses outlive the daemon.** :func:`main` forks first: the daemon serves in the child,
 and the parent becomes the *keeper* (a child subreaper running :data:`KEEPER`, a few lines of
@@ -70,6 +72,7 @@ CLIENT_TIMEOUT = 2.0  # seconds a client has to send its line
 MAX_MESSAGE = 65536  # bytes in one line
 EXIT_WAIT = 2.0  # how long an adopted job's exit status is awaited from a keeper
 FAILED_TURN_PAUSE = 1.0  # after a turn that raised, before the next one
+READY_GATES = 2  # gates spawned ahead for the next waiting jobs (their start is then quick)
 NOT_STARTED = ".not-started"  # + ".PID": a gate that never let its job run
 
 # The gate: wait for one line on stdin; at end of file leave a mark and exit without running
@@ -180,6 +183,8 @@ class Daemon:
         self.environments: dict[str | None, dict[str, str]] = {}  # by name (None too)
         self.running: dict[int, RunningProcess] = {}
         self.aborted: dict[int, Path] = {}  # gates told not to run: their homes by pid
+        self.ready: dict[int, Launch] = {}  # gates spawned ahead, by job id (still closed)
+        self.not_ready: set[int] = set()  # waiting jobs whose gate failed to spawn ahead
         self.commands: dict[tuple[str, str, str], float] = {}  # found: until when to trust it
         self.clients: dict[int, Client] = {}  # by file descriptor
         self.changes: list[tuple[int, JobStatus]] = []
@@ -249,6 +254,9 @@ class Daemon:
                 log.info("idle for %.0f s, exiting", self.options.idle_exit)
                 break
         self._guarded(self._flush)
+        for launch in self.ready.values():
+            self._abort(launch)
+        self.ready.clear()
         deadline = time.monotonic() + 1.0
         while self.aborted and time.monotonic() < deadline:  # they end at once
             self._reap()
@@ -278,6 +286,7 @@ class Daemon:
         while self._schedule():  # the slots of jobs that could not start are free again
             pass
         self._flush()
+        self._prepare()
 
     def _timeout(self, idle_since: float | None) -> float:
         now = time.time()
@@ -426,6 +435,9 @@ class Daemon:
         for job_id in [i for i in self.waiting if i not in queued]:
             del self.waiting[job_id]
             del self.specs[job_id]
+            self.not_ready.discard(job_id)
+            if job_id in self.ready:  # held or canceled: its gate never opens
+                self._abort(self.ready.pop(job_id))
         new = sorted(i for i in queued if i not in self.waiting and i not in self.running)
         out_of_order = bool(new and self.waiting and new[0] < max(self.waiting))  # released
         for job_id, record in self._records(new):
@@ -526,8 +538,11 @@ class Daemon:
         for job_id in allowed:
             del self.waiting[job_id]
             spec, environment = self.specs.pop(job_id)
+            self.not_ready.discard(job_id)
+            ready = self.ready.pop(job_id, None)
             try:
-                launches[job_id] = self._launch(job_id, spec, environment)
+                launches[job_id] = ready if ready is not None else self._launch(
+                    job_id, spec, environment)
             except Exception as exc:
                 statuses.append((job_id, self._cannot_start(job_id, spec, exc, now)))
             else:
@@ -563,6 +578,20 @@ class Daemon:
                 deadline=now + walltime if walltime else None,
                 memory_mb=launch.spec.resources.memory_mb, child=True)
         return len(launches) < len(allowed)
+
+    def _prepare(self) -> None:
+        """Spawn the gates of the next waiting jobs ahead of their start, while the slots are
+        busy: starting one is then a commit and a write, not a shell's start-up. A gate is
+        closed until its job starts, and ends without running it if this daemon dies."""
+        for job_id in self.waiting:
+            if len(self.ready) >= min(READY_GATES, self.options.capacity):
+                return
+            if job_id in self.ready or job_id in self.not_ready:
+                continue
+            try:
+                self.ready[job_id] = self._launch(job_id, *self.specs[job_id])
+            except Exception:  # it fails, with its reason, when its turn comes
+                self.not_ready.add(job_id)
 
     def _choose(self, now: float) -> list[int]:
         capacity = self.options.capacity
