@@ -4,9 +4,10 @@ from gridcouple.coupler.session import (
     ApplicationError,
     ApplicationFailedError,
     ApplicationStartError,
+    ApplicationUnreachableError,
     AppRequest,
     Coupler,
 )
 
 __all__ = ["AppRequest", "ApplicationError", "ApplicationFailedError", "ApplicationStartError",
-           "Coupler"]
+           "ApplicationUnreachableError", "Coupler"]
