@@ -106,8 +106,19 @@ def parse_ids(values: Iterable[str]) -> list[int]:
                 raise typer.BadParameter(f"{value!r}: a job id is a number (7), a range "
                                          "(2-11) or a list (3,5)", param_hint="ID")
             first = int(match.group(1))
-            ids.extend(range(first, int(match.group(2) or first) + 1))
+            ids.extend(_span(first, int(match.group(2) or first), value, "ID"))
     return list(dict.fromkeys(ids))
+
+
+def _span(first: int, last: int, text: str, hint: str) -> range:
+    """``first..last``, refused beyond MAX_ARRAY numbers (a typo must not fill the memory) or
+    beyond what the journal stores (64-bit ids)."""
+    if last >= 2**63:
+        raise typer.BadParameter(f"{text!r}: {last} is larger than any id", param_hint=hint)
+    if last - first + 1 > MAX_ARRAY:
+        raise typer.BadParameter(f"{text!r}: a range of at most {MAX_ARRAY:,} numbers",
+                                 param_hint=hint)
+    return range(first, last + 1)
 
 
 IdsArgument = Annotated[list[str], typer.Argument(
@@ -220,7 +231,7 @@ def parse_array(text: str) -> list[int]:
         if match.group(3) is not None:
             indices.append(int(match.group(3)))
         else:
-            indices.extend(range(int(match.group(1)), int(match.group(2)) + 1))
+            indices.extend(_span(int(match.group(1)), int(match.group(2)), text, "--array"))
     indices = sorted(set(indices))
     if not indices or len(indices) > MAX_ARRAY:
         raise typer.BadParameter(f"{text!r}: from 1 to {MAX_ARRAY:,} indices",
