@@ -55,8 +55,6 @@ def test_fuzzed_arguments_end_in_an_exit_code(journal_with_one_job, command, wor
     result = CliRunner().invoke(app, args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         assert isinstance(result.exception, GridcoupleError), (args, repr(result.exception))
-        assert "\n" not in str(result.exception).strip() or "Traceback" not in str(
-            result.exception), args
     with Journal(state / "journal.sqlite") as journal:
         [after] = journal.records()
     assert (after.job, after.status.state, after.status.exit_code) == (
