@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import math
+import mmap
 import os
 import secrets
 import select
@@ -49,11 +50,15 @@ TOKEN_ENV = "GRIDCOUPLE_APP_TOKEN"
 MAX_FRAME_ENV = "GRIDCOUPLE_MAX_FRAME"
 MAX_PENDING_ENV = "GRIDCOUPLE_MAX_PENDING"
 HANDSHAKE_TIMEOUT_ENV = "GRIDCOUPLE_HANDSHAKE_TIMEOUT"
+SPIN_ENV = "GRIDCOUPLE_SPIN_US"
+SPIN_DEFAULT_US = 200
 _MAGIC = b"GRIDCOUPLE-APP/1\n"
 _NONCE = 32
 _PREFIX = struct.Struct("<IH")
 _HANDSHAKE_TIMEOUT = 10.0
 _SMALL = 1 << 16
+_PIECE = 4 << 20  # bytes received at a time into a large buffer
+_PAGE = mmap.PAGESIZE
 
 
 class TransportError(GridcoupleError):
@@ -141,6 +146,29 @@ class Limits:
         return cls(**values)
 
 
+def spin_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """How long one end of a channel polls for the other's next frame before it sleeps in
+    the kernel: ``$GRIDCOUPLE_SPIN_US`` microseconds (default 200, 0 never), and never on a
+    machine of one CPU.
+
+    A process asleep in ``recv`` on an idle vCPU takes tens of microseconds to wake (the
+    hypervisor must schedule the vCPU again), more than the call itself; one that polls
+    meanwhile sees the bytes at once. Each poll yields the CPU to any other runnable task,
+    so two ends on one CPU take turns instead of spinning against each other."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(SPIN_ENV, "").strip()
+    try:
+        micros = float(text) if text else SPIN_DEFAULT_US
+        if not 0 <= micros <= 1e6:
+            raise ValueError
+    except ValueError:
+        raise TransportError(f"${SPIN_ENV}={text!r}: expected microseconds from 0 to "
+                             "1000000") from None
+    if (os.cpu_count() or 1) < 2:
+        return 0.0
+    return micros / 1e6
+
+
 def app_token(session_secret: str, name: str) -> str:
     """The secret of one application: derived from the session's, so a leaked job
     environment exposes one application, not the session."""
@@ -202,15 +230,19 @@ class Channel:
     A received frame larger than ``max_frame`` (default: :meth:`Limits.from_env`) raises
     FrameTooLargeError from its prefix, before anything is allocated for it; the channel is
     then out of step and must be closed. While ``deadline`` (a ``time.monotonic()`` value) is
-    set, every read waits at most until then."""
+    set, every read waits at most until then. :meth:`wait_readable` polls for the next frame
+    for ``spin`` seconds (see :func:`spin_seconds`) before it sleeps."""
 
-    def __init__(self, sock: socket.socket, max_frame: int | None = None) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int | None = None,
+                 spin: float | None = None) -> None:
         self.sock = sock
         self.max_frame = Limits.from_env().max_frame if max_frame is None else max_frame
+        self.spin = spin_seconds() if spin is None else spin
         self.deadline: float | None = None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray(_SMALL)
         self._start = self._end = 0
+        self._poller: select.poll | None = None
 
     def close(self) -> None:
         self.sock.close()
@@ -275,15 +307,23 @@ class Channel:
 
     def receive_into(self, target: memoryview) -> None:
         """Fill ``target`` from the stream: first what is buffered, then straight from the
-        socket."""
+        socket, :data:`_PIECE` bytes at a time, each piece's pages touched first (memory
+        the kernel must fault in during ``recv`` slows a transfer several times over; a
+        touch in Python faults it in at memory speed)."""
         done = min(self._end - self._start, target.nbytes)
         target[:done] = self._buffer[self._start: self._start + done]
         self._start += done
         while done < target.nbytes:
-            got = self._recv_into(target[done:])
-            if not got:
-                raise ConnectionLostError("the peer closed the connection")
-            done += got
+            piece = target[done: done + _PIECE]
+            if piece.nbytes > _PAGE:
+                np.frombuffer(piece, dtype=np.uint8)[::_PAGE] = 0
+            filled = 0
+            while filled < piece.nbytes:
+                got = self._recv_into(piece[filled:])
+                if not got:
+                    raise ConnectionLostError("the peer closed the connection")
+                filled += got
+            done += filled
 
     def forward_frame(self, to: Channel, chunk: int = 1 << 20) -> None:
         """Receive one frame and send it on ``to`` as it arrives, undecoded: its prefix and
@@ -309,6 +349,37 @@ class Channel:
     def has_buffered(self) -> bool:
         return self._end > self._start or (isinstance(self.sock, ssl.SSLSocket)
                                            and self.sock.pending() > 0)
+
+    def wait_readable(self, timeout: float | None = None) -> bool:
+        """Whether bytes of a frame are here, or arrive within ``timeout`` seconds (None: no
+        limit): polled for (see :meth:`spin_for_frame`), then waited for in the kernel."""
+        started = time.perf_counter()
+        if self.spin_for_frame(timeout):
+            return True
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.perf_counter() - started))
+        return bool(self._poll(None if timeout is None else timeout * 1000))
+
+    def spin_for_frame(self, limit: float | None = None) -> bool:
+        """Whether bytes of a frame are here, polling for them for up to ``spin`` seconds (at
+        most ``limit``) and yielding the CPU between polls."""
+        if self.has_buffered():
+            return True
+        spin = self.spin if limit is None else min(self.spin, limit)
+        if spin <= 0:
+            return False
+        end = time.perf_counter() + spin
+        while not self._poll(0):
+            if time.perf_counter() >= end:
+                return False
+            os.sched_yield()
+        return True
+
+    def _poll(self, milliseconds: float | None) -> list[tuple[int, int]]:
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN)
+        return self._poller.poll(milliseconds)
 
     def _take(self, size: int) -> bytes:
         self._fill(size)
@@ -727,6 +798,7 @@ def serve_channel(channel: Channel, target: Any, peer: str,
     with channel.sock:
         while True:
             try:
+                channel.spin_for_frame()
                 request = channel.receive()
             except (OSError, TransportError, ValueError) as exc:
                 if not isinstance(exc, ConnectionLostError):
@@ -847,7 +919,6 @@ class ApplicationProxy:
         self._poll_interval = poll_interval
         self._lock = threading.Lock()
         self._lost: Exception | None = None
-        self._poller: tuple[Channel, select.poll] | None = None
         self._channel: Channel | None = channel
         if channel is not None:  # authenticated already (the server dialled us)
             return
@@ -926,19 +997,15 @@ class ApplicationProxy:
             self._lost = self._lost or TransportError(f"the proxy of {self._name} is closed")
 
     def _await_reply(self, channel: Channel, method: str) -> None:
-        if channel.has_buffered() or (self._check_alive is None and self.call_timeout is None):
+        if self._check_alive is None and self.call_timeout is None:
+            channel.spin_for_frame()  # then the reply is received in the kernel's wait
             return
         deadline = None if self.call_timeout is None else time.monotonic() + self.call_timeout
-        poller = self._poller
-        if poller is None or poller[0] is not channel:  # one per channel, not one per call
-            self._poller = poller = (channel, select.poll())
-            poller[1].register(channel.sock, select.POLLIN)
-        poll = poller[1].poll
         while True:
             wait = self._poll_interval
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
-            if poll(wait * 1000):
+            if channel.wait_readable(wait):
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise CallTimeoutError(f"{self._name}.{method} did not return within "
