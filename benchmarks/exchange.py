@@ -125,15 +125,23 @@ def serve_tcp() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     print(listener.getsockname()[1], flush=True)
     payload = np.random.default_rng(0).random(FIELD_SHAPE)
-    sock, _ = listener.accept()
-    _answer(sock, payload)
+    while True:
+        sock, _ = listener.accept()
+        threading.Thread(target=_answer, args=(sock, payload), daemon=True).start()
 
 
 def _answer(sock: socket.socket, payload: np.ndarray) -> None:
-    """Raw TCP's side: ``p`` is answered with ``p``, anything else with the payload."""
+    """Raw TCP's side: ``p`` is answered with ``p``, anything else with the payload. A
+    connection whose first byte is ``P`` polls for each request as our channel does
+    (:meth:`Channel.spin_for_frame`) before it waits in ``recv``."""
+    from gridcouple.appkit.transport import Channel
+
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    poller = Channel(sock) if sock.recv(1) == b"P" else None
     with sock:
         while True:
+            if poller is not None:
+                poller.spin_for_frame()
             request = sock.recv(1)
             if not request:
                 return
@@ -141,6 +149,28 @@ def _answer(sock: socket.socket, payload: np.ndarray) -> None:
                 sock.sendall(b"p")
             else:
                 sock.sendall(memoryview(payload).cast("B"))
+
+
+def raw_peer(address: tuple[str, int], polling: bool = False,
+             tls: Any = None) -> tuple[socket.socket, Callable[[], None]]:
+    """A connection to :func:`_answer` and its ping (polling for the answer as our channel
+    does when ``polling``)."""
+    from gridcouple.appkit.transport import Channel
+
+    sock = socket.create_connection(address)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        sock = tls.wrap_socket(sock)
+    sock.sendall(b"P" if polling else b"-")
+    poller = Channel(sock) if polling else None
+
+    def ping() -> None:
+        sock.sendall(b"p")
+        if poller is not None:
+            poller.spin_for_frame()
+        sock.recv(1)
+
+    return sock, ping
 
 
 def serve_cross(tls_json: str) -> None:
@@ -271,24 +301,22 @@ def run(args: argparse.Namespace, results: dict[str, float]) -> None:
 
         tcp, port = start([sys.executable, __file__, "--serve-tcp"])
         processes.append(tcp)
-        raw = socket.create_connection(("127.0.0.1", int(port)))
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def raw_ping() -> None:
-            raw.sendall(b"p")
-            raw.recv(1)
-
+        raw, raw_ping = raw_peer(("127.0.0.1", int(port)))
         results["latency raw TCP"] = latency_us(raw_ping, args.calls)
+        polled, polled_ping = raw_peer(("127.0.0.1", int(port)), polling=True)
+        results["latency raw TCP, polling"] = latency_us(polled_ping, args.calls)
+        polled.close()
 
         proxy.make_field()
         refs = []
         times = itertools.count()  # each ref write is the version of another time
         source = np.random.default_rng(0).random(FIELD_SHAPE)
-        target, received, read_into = (prefaulted(FIELD_SHAPE) for _ in range(3))
+        target, received, read_into, copied = (prefaulted(FIELD_SHAPE) for _ in range(4))
         interleaved({
             "raw TCP": lambda: raw_field(raw, received),
             "raw TCP, fresh buffer": lambda: raw_field(raw, np.empty(FIELD_SHAPE)),
             "copy": lambda: proxy.get_field("big", 0.0),
+            "copy into buffer": lambda: proxy.call_into(copied, "get_field", "big", 0.0),
             "ref write": lambda: refs.append(
                 proxy.get_field("big", float(next(times)), mode="ref")),
             "ref read": lambda: refs[-1].read(),
@@ -338,21 +366,20 @@ def _placement(args: argparse.Namespace, results: dict[str, float]) -> None:
                     _set_cpus(process.pid, {server})
                 _set_cpus(os.getpid(), {client})
                 proxy = ApplicationProxy(json.loads(line)["endpoint"], SECRET)
-                raw = socket.create_connection(("127.0.0.1", int(port)))
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-                def raw_ping(raw: socket.socket = raw) -> None:
-                    raw.sendall(b"p")
-                    raw.recv(1)
-
-                samples: dict[str, list[float]] = {"ours": [], "raw TCP": []}
+                address = ("127.0.0.1", int(port))
+                (raw, raw_ping), (polled, polled_ping) = (raw_peer(address, polling)
+                                                          for polling in (False, True))
+                calls = {"ours": proxy.ping, "raw TCP": raw_ping,
+                         "raw TCP, polling": polled_ping}
+                samples: dict[str, list[float]] = {name: [] for name in calls}
                 for _ in range(3):  # alternating; the median of three each
-                    samples["ours"].append(latency_us(proxy.ping, args.calls // 3))
-                    samples["raw TCP"].append(latency_us(raw_ping, args.calls // 3))
+                    for name, call in calls.items():
+                        samples[name].append(latency_us(call, args.calls // 3))
                 for name, values in samples.items():
                     results[f"latency {name}, {placement}"] = statistics.median(values)
                 proxy.close()
                 raw.close()
+                polled.close()
             finally:
                 for process in (ours, tcp):
                     process.kill()
@@ -540,20 +567,14 @@ def cross_client(spec_text: str) -> None:
     tls = contexts[1]
     results: dict[str, float] = {}
     proxy = ApplicationProxy(spec["endpoint"], SECRET, name="bench", tls=tls)
-    plain = socket.create_connection((spec["address"], spec["tcp_port"]))
-    plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    secure = socket.create_connection((spec["address"], spec["tls_port"]))
-    secure.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    secure = tls.wrap_socket(secure)
+    plain_address, tls_address = ((spec["address"], spec[port]) for port in ("tcp_port",
+                                                                            "tls_port"))
+    plain, plain_ping = raw_peer(plain_address)
+    secure, secure_ping = raw_peer(tls_address, tls=tls)
     pyro = Pyro5.api.Proxy(spec["pyro"])
-
-    def pinger(sock: socket.socket) -> Callable[[], None]:
-        def ping() -> None:
-            sock.sendall(b"p")
-            sock.recv(1)
-        return ping
-
-    calls = {"ours": proxy.ping, "raw TCP": pinger(plain), "raw TLS": pinger(secure),
+    calls = {"ours": proxy.ping, "raw TCP": plain_ping, "raw TLS": secure_ping,
+             "raw TCP, polling": raw_peer(plain_address, polling=True)[1],
+             "raw TLS, polling": raw_peer(tls_address, polling=True, tls=tls)[1],
              "Pyro5": pyro.ping}
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(3):  # alternating; the median of three each
@@ -572,16 +593,20 @@ def cross_client(spec_text: str) -> None:
         lambda member: connect(member.endpoint, spec["fields_token"], name="fields:reader",
                                tls=tls)))
 
-    received, read_into = prefaulted(FIELD_SHAPE), prefaulted(FIELD_SHAPE)
+    received, read_into, copied = (prefaulted(FIELD_SHAPE) for _ in range(3))
     times = interleaved({
         "raw TCP": lambda: raw_field(plain, received),
         "raw TLS": lambda: raw_field(secure, received),
         "copy": lambda: proxy.get_field("big", 0.0),
+        "copy into buffer": lambda: proxy.call_into(copied, "get_field", "big", 0.0),
         "ref read": lambda: ref.read(out=read_into),
         "ref read, new array": lambda: ref.read(),
+        "raw TCP, fresh buffer": lambda: raw_field(plain, np.empty(FIELD_SHAPE)),
     }, spec["repeats"], results, base="raw TCP")
-    for name in ("copy", "ref read", "ref read, new array"):
+    for name in CROSS_TRANSFERS:
         results[f"ratio {name} / raw TLS"] = ratio(times, name, "raw TLS")
+    for name, sock in (("raw TCP", plain), ("raw TLS", secure)):
+        results[f"reader cores {name}"] = _cores(lambda sock=sock: raw_field(sock, received))
     rows = FIELD_SHAPE[0] // FIELD_CHUNKS
     ref.open()  # zarr imported and the array's metadata read: not part of a chunk's cost
     before = proxy.served()["bytes"]
@@ -589,6 +614,24 @@ def cross_client(spec_text: str) -> None:
     results["ref one chunk bytes"] = proxy.served()["bytes"] - before
     results["ref read all bytes"] = FIELD_BYTES
     print(json.dumps(results))
+
+
+CROSS_TRANSFERS = ("copy", "copy into buffer", "ref read", "ref read, new array")
+
+
+def _cores(transfer: Callable[[], object]) -> float:
+    """The CPU time this process spends on ``transfer`` over its wall time (1.0: one core
+    busy throughout), the median of three."""
+    import resource
+
+    samples = []
+    for _ in range(3):
+        before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        transfer()
+        after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
+        samples.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                       / wall)
+    return statistics.median(samples)
 
 
 def report(results: dict[str, float]) -> None:
@@ -602,20 +645,25 @@ def report_cross(results: dict[str, float]) -> None:
     r = {k.removeprefix("cross "): v for k, v in results.items() if k.startswith("cross ")}
     ours = r["latency ours"]
     print(f"across two test hosts ({r['hosts']}), mutual TLS as always beyond loopback:")
-    print("  call latency, median (targets: <= 0.5x Pyro5, <= 2x raw TCP):")
+    print("  call latency, median (targets: <= 0.5x Pyro5, <= 2x raw TCP; 'polling': the raw "
+          "socket polls for its answer as our channel does, $GRIDCOUPLE_SPIN_US):")
     print(f"    ours (TLS)              {ours:9.1f} us")
-    for peer in ("raw TCP", "raw TLS", "Pyro5"):
+    for peer in ("raw TCP", "raw TLS", "raw TCP, polling", "raw TLS, polling", "Pyro5"):
         value = r[f"latency {peer}"]
         print(f"    {peer:<23} {value:9.1f} us   ours / {peer} = {ours / value:.2f}")
     print("  256 MiB float64, GB/s (medians; ratios: median per round against raw TCP between "
-          "the same hosts, plain and with TLS):")
-    for name, target in (("copy", "copy >= 0.8x"), ("ref read", "ref read of all >= 0.7x"),
-                         ("ref read, new array", "")):
+          "the same hosts, plain and with TLS, each into a buffer written before):")
+    targets = {"copy": "copy >= 0.8x", "ref read": "ref read of all >= 0.7x"}
+    for name in CROSS_TRANSFERS:
+        target = targets.get(name)
         print(f"    {name:<23} {r['field ' + name]:6.2f}   / raw TCP = "
               f"{r['ratio ' + name]:.2f}, / raw TLS = {r['ratio ' + name + ' / raw TLS']:.2f}"
               + (f"   (target {target} raw TCP)" if target else ""))
-    for name in ("raw TCP", "raw TLS"):
+    for name in ("raw TCP", "raw TLS", "raw TCP, fresh buffer"):
         print(f"    {name:<23} {r['field ' + name]:6.2f}")
+    tcp, tls = (r[f"reader cores {n}"] for n in ("raw TCP", "raw TLS"))
+    print(f"  the reader's CPU while receiving: raw TCP {tcp:.2f} cores, raw TLS {tls:.2f} cores "
+          f"(TLS alone reaches {r['ratio raw TLS']:.2f}x raw TCP: decryption is the limit)")
     share = r["ref one chunk bytes"] / r["ref read all bytes"]
     print(f"  ref read of 1 chunk in {FIELD_CHUNKS}: {r['ref one chunk bytes']:.0f} bytes moved, "
           f"{100 * share:.2f} % of the field (target <= 2 %), in "
@@ -630,7 +678,7 @@ def report_loopback(results: dict[str, float]) -> None:
           "server joined)")
     print(f"  ... while it starts     {results['latency coupler proxy, starting']:9.1f} us   "
           "(importing dask in the background)")
-    for peer in ("Pyro5", "dask actor", "raw TCP"):
+    for peer in ("Pyro5", "dask actor", "raw TCP", "raw TCP, polling"):
         value = results[f"latency {peer}"]
         print(f"  {peer:<23} {value:9.1f} us   ours / {peer} = {ours / value:.2f}, "
               f"Coupler's / {peer} = {coupled / value:.2f}")
@@ -639,6 +687,9 @@ def report_loopback(results: dict[str, float]) -> None:
           "against raw TCP into a written buffer):")
     print(f"  copy (direct channel)   {copy:6.2f}   copy / raw TCP = "
           f"{results['ratio copy']:.2f} (target >= 0.8)")
+    print(f"  copy into a buffer      {results['field copy into buffer']:6.2f}   / raw TCP = "
+          f"{results['ratio copy into buffer']:.2f}   (ApplicationProxy.call_into: no new "
+          "memory each time)")
     for name in ("ref read", "ref read into buffer"):
         print(f"  {name + ', receiver':<23} {results['field ' + name]:6.2f}   (target >= 1.5 "
               f"GB/s); / raw TCP = {results['ratio ' + name]:.2f}")
@@ -656,9 +707,11 @@ def report_loopback(results: dict[str, float]) -> None:
     if "latency ours, one vCPU" in results:
         print("call latency by placement (client and server pinned), median:")
         for placement in ("one vCPU", "two vCPUs"):
-            mine, raw = (results[f"latency {n}, {placement}"] for n in ("ours", "raw TCP"))
-            print(f"  {placement:<10} ours {mine:7.1f} us, raw TCP {raw:7.1f} us, ours / raw "
-                  f"TCP = {mine / raw:.2f}, ours - raw TCP = {mine - raw:.1f} us")
+            mine, raw, polled = (results[f"latency {n}, {placement}"]
+                                 for n in ("ours", "raw TCP", "raw TCP, polling"))
+            print(f"  {placement:<10} ours {mine:7.1f} us, raw TCP {raw:7.1f} us, polling "
+                  f"{polled:7.1f} us; ours / raw TCP = {mine / raw:.2f}, ours - raw TCP = "
+                  f"{mine - raw:.1f} us")
 
 
 def main() -> None:

@@ -298,6 +298,30 @@ def test_server_runs_calls_remotely_and_reports_remote_errors(counter_server, tm
     assert process.wait(timeout=10) == 0
 
 
+def test_a_field_fetched_by_copy_lands_in_the_callers_buffer(counter_server):
+    _, endpoint = counter_server
+    app = ApplicationProxy(endpoint, SECRET, name="counter")
+    buffer = np.full(64, -1.0)  # larger than the field: its first 12 values are overwritten
+    for step in (1, 2):
+        app.solve_step(TimeStep(0.5 * step, 0.5, step))
+        field = app.call_into(buffer, "get_field", "temperature", 0.5 * step)
+        assert np.shares_memory(field.values, buffer) and field.values.shape == MESH.shape
+        np.testing.assert_array_equal(buffer[:12], np.full(12, 0.5 * step))
+        assert (buffer[12:] == -1.0).all()
+    small = np.zeros(3)
+    field = app.call_into(small, "get_field", "temperature", 1.0)  # does not fit: new memory
+    assert not np.shares_memory(field.values, small) and (small == 0).all()
+    np.testing.assert_array_equal(field.values, np.full(MESH.shape, 1.0))
+    for bad in (np.zeros((4, 4))[:, ::2], np.zeros(12).view(), [0.0] * 12):
+        if isinstance(bad, np.ndarray) and bad.flags.c_contiguous:
+            bad.flags.writeable = False
+        with pytest.raises(TypeError, match="writable C-contiguous numpy array"):
+            app.call_into(bad, "get_field", "temperature", 1.0)
+    with pytest.raises(RemoteError, match="dt 0.001"):
+        app.call_into(buffer, "solve_step", TimeStep(1.001, 0.001, 3))
+    assert app.get_critical_time_step() == 0.25
+
+
 def test_server_refuses_a_peer_without_the_secret(counter_server):
     _, endpoint = counter_server
     with pytest.raises(AuthenticationError):

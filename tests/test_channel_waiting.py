@@ -133,6 +133,18 @@ def test_a_large_frame_arrives_whole_into_fresh_memory_and_into_a_given_buffer(p
     assert (buffer[-8:] == 7).all()  # nothing beyond the frame was written
 
 
+def test_the_largest_array_of_a_frame_is_the_one_received_into_a_given_buffer(pair):
+    client, server = pair
+    vertices, values = np.arange(6.0), np.arange(100.0)
+    Channel(client, spin=0).send({"vertices": vertices, "values": values})
+    buffer = np.zeros(128)
+    got = Channel(server, spin=0).receive(into=buffer.view(np.uint8).data)
+    assert np.shares_memory(got["values"], buffer)
+    assert not np.shares_memory(got["vertices"], buffer)
+    np.testing.assert_array_equal(got["vertices"], vertices)
+    np.testing.assert_array_equal(buffer[:100], values)
+
+
 def test_a_stored_chunk_is_viewed_in_place_and_ranges_are_clamped(tmp_path):
     data = bytes(range(256)) * 40_000
     (tmp_path / "chunk").write_bytes(data)

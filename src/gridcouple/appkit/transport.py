@@ -271,7 +271,7 @@ class Channel:
 
     def receive(self, into: memoryview | None = None) -> Any:
         """Receive one frame and decode it; arrays land in freshly allocated numpy memory, the
-        first one in ``into`` when given and large enough (it is then a view of ``into``).
+        largest one in ``into`` when given and large enough (it is then a view of ``into``).
         ValueError for a frame that does not decode (the channel stays in step)."""
         self._fill(_PREFIX.size)
         header_length, count = _PREFIX.unpack_from(self._buffer, self._start)
@@ -284,8 +284,11 @@ class Channel:
                               header_length, count)
         header = self._take(header_length)
         buffers: list[Any] = []
-        for length in lengths:
-            if into is not None and not buffers and length <= into.nbytes:
+        fitting = [n for n in lengths if into is not None and n <= into.nbytes]
+        chosen = lengths.index(max(fitting)) if fitting else -1
+        for index, length in enumerate(lengths):
+            if index == chosen:
+                assert into is not None
                 self.receive_into(into[:length])
                 buffers.append(into[:length])
                 continue
@@ -952,6 +955,20 @@ class ApplicationProxy:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``method(*args, **kwargs)`` on the application and return its result."""
+        return self._call(None, method, args, kwargs)
+
+    def call_into(self, out: np.ndarray, method: str, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`call`, with the result's largest array (a field's values) received
+        straight into ``out``'s memory when it fits, so that a field fetched every step by
+        copy needs no new memory: ``proxy.call_into(buffer, "get_field", "temperature",
+        t)``. That array then shares ``out``'s memory (its dtype and shape are the
+        sender's); one too large for ``out`` lands in new memory as with :meth:`call`."""
+        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable):
+            raise TypeError("call_into needs a writable C-contiguous numpy array")
+        return self._call(out.reshape(-1).view(np.uint8).data, method, args, kwargs)
+
+    def _call(self, into: memoryview | None, method: str, args: Sequence[Any],
+              kwargs: dict[str, Any]) -> Any:
         with self._lock:
             if self._lost is not None:
                 raise self._lost
@@ -962,7 +979,7 @@ class ApplicationProxy:
             try:
                 channel.send_parts(request)
                 self._await_reply(channel, method)
-                reply = channel.receive()
+                reply = channel.receive(into)
                 if not _is_reply(reply):
                     raise TransportError(f"{self._name} at {self._endpoint} answered {method} "
                                          f"with no reply: {str(reply)[:200]}")
