@@ -5,10 +5,13 @@ first touch of new memory.
 Measures (medians; the machine is shared and noisy, so read the ratios):
 
 - remote call latency of a trivial method (target: <= 100 us), through a bare proxy and
-  through the proxy a real Coupler hands out (allocated on the local backend);
+  through the proxy a real Coupler hands out (allocated on the local backend), against raw
+  TCP as a plain socket does it (sleeping in ``recv``) and as our channel does it (polling
+  for the answer for up to ``$GRIDCOUPLE_SPIN_US`` first: the floor of the technique);
 - a 256 MiB float64 field, all of it read by the receiver: ``copy`` through the direct channel
   (target: >= 0.8x raw TCP, received into a buffer written before timing: the loopback
-  ceiling) and ``ref`` read by the receiver straight from the zarr store (target: >= 1.5 GB/s;
+  ceiling; and ``copy into buffer``, ``ApplicationProxy.call_into`` a buffer kept between
+  transfers) and ``ref`` read by the receiver straight from the zarr store (target: >= 1.5 GB/s;
   into a fresh array and into the receiver's buffer; the producer's write of each version is
   reported beside it). Transfers run in rounds, in reverse order every other round; the
   Pyro5 and dask actor transfers are taken ``--peer-repeats`` times;
@@ -20,7 +23,9 @@ Measures (medians; the machine is shared and noisy, so read the ratios):
   reader on the other, mutual TLS as beyond loopback always: call latency against raw TCP
   (plain and TLS) and Pyro5 between the same hosts; 256 MiB by copy, and by reference read
   through the producer's server (all 64 chunks, and one of them), against raw TCP (plain and
-  TLS) between the same hosts in the same run; the bytes the one-chunk read moved.
+  TLS) between the same hosts in the same run; the bytes the one-chunk read moved; and the
+  reader's CPU (cores busy) while raw TCP and raw TLS streams arrive, which shows what bounds
+  TLS.
 
 Run: ``.venv/bin/python benchmarks/exchange.py`` (needs the bench extra for Pyro5; the
 cross-host section needs root and scripts/testhosts-up; ``--only loopback`` or ``--only
