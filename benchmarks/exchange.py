@@ -39,6 +39,7 @@ import contextlib
 import itertools
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -136,7 +137,8 @@ def serve_tcp() -> None:
 
 
 def _answer(sock: socket.socket, payload: np.ndarray) -> None:
-    """Raw TCP's side: ``p`` is answered with ``p``, anything else with the payload. A
+    """Raw TCP's side: ``p`` is answered with ``p``, ``c`` with this process's CPU seconds
+    (32 bytes of text), anything else with the payload. A
     connection whose first byte is ``P`` polls for each request as our channel does
     (:meth:`Channel.spin_for_frame`) before it waits in ``recv``."""
     from gridcouple.appkit.transport import Channel
@@ -152,6 +154,9 @@ def _answer(sock: socket.socket, payload: np.ndarray) -> None:
                 return
             if request == b"p":
                 sock.sendall(b"p")
+            elif request == b"c":  # this process's CPU seconds so far
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                sock.sendall(f"{usage.ru_utime + usage.ru_stime:31.6f}\n".encode())
             else:
                 sock.sendall(memoryview(payload).cast("B"))
 
@@ -611,7 +616,8 @@ def cross_client(spec_text: str) -> None:
     for name in CROSS_TRANSFERS:
         results[f"ratio {name} / raw TLS"] = ratio(times, name, "raw TLS")
     for name, sock in (("raw TCP", plain), ("raw TLS", secure)):
-        results[f"reader cores {name}"] = _cores(lambda sock=sock: raw_field(sock, received))
+        (results[f"reader cores {name}"], results[f"sender cores {name}"],
+         results[f"cores GB/s {name}"]) = _cores(sock, received)
     rows = FIELD_SHAPE[0] // FIELD_CHUNKS
     ref.open()  # zarr imported and the array's metadata read: not part of a chunk's cost
     before = proxy.served()["bytes"]
@@ -624,19 +630,27 @@ def cross_client(spec_text: str) -> None:
 CROSS_TRANSFERS = ("copy", "copy into buffer", "ref read", "ref read, new array")
 
 
-def _cores(transfer: Callable[[], object]) -> float:
-    """The CPU time this process spends on ``transfer`` over its wall time (1.0: one core
-    busy throughout), the median of three."""
-    import resource
+def _cores(sock: socket.socket, received: np.ndarray) -> tuple[float, float, float]:
+    """While a raw stream of the field arrives on ``sock``: the CPU this process and the
+    sender spend over the wall time (1.0: one core busy throughout), and the GB/s; medians of
+    three."""
+    def cpu_seconds() -> tuple[float, float]:
+        sock.sendall(b"c")
+        text = b""
+        while len(text) < 32:
+            text += sock.recv(32 - len(text))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime, float(text)
 
     samples = []
     for _ in range(3):
-        before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        transfer()
-        after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
-        samples.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-                       / wall)
-    return statistics.median(samples)
+        (mine, sender), started = cpu_seconds(), time.perf_counter()
+        raw_field(sock, received)
+        wall = time.perf_counter() - started
+        mine_after, sender_after = cpu_seconds()
+        samples.append(((mine_after - mine) / wall, (sender_after - sender) / wall,
+                        FIELD_BYTES / wall / 1e9))
+    return tuple(statistics.median(s[i] for s in samples) for i in range(3))  # type: ignore[return-value]
 
 
 def report(results: dict[str, float]) -> None:
@@ -666,9 +680,14 @@ def report_cross(results: dict[str, float]) -> None:
               + (f"   (target {target} raw TCP)" if target else ""))
     for name in ("raw TCP", "raw TLS", "raw TCP, fresh buffer"):
         print(f"    {name:<23} {r['field ' + name]:6.2f}")
-    tcp, tls = (r[f"reader cores {n}"] for n in ("raw TCP", "raw TLS"))
-    print(f"  the reader's CPU while receiving: raw TCP {tcp:.2f} cores, raw TLS {tls:.2f} cores "
-          f"(TLS alone reaches {r['ratio raw TLS']:.2f}x raw TCP: decryption is the limit)")
+    print(f"  CPU while a raw stream arrives (cores busy; {os.cpu_count()} vCPUs for both "
+          "hosts):")
+    for name in ("raw TCP", "raw TLS"):
+        reader, sender, speed = (r[f"{k} {name}"] for k in ("reader cores", "sender cores",
+                                                           "cores GB/s"))
+        print(f"    {name:<23} reader {reader:.2f} + sender {sender:.2f} cores at {speed:.2f} "
+              f"GB/s: {(reader + sender) / speed:.2f} core-seconds per GB, so at most "
+              f"{(os.cpu_count() or 1) * speed / (reader + sender):.2f} GB/s on all vCPUs")
     share = r["ref one chunk bytes"] / r["ref read all bytes"]
     print(f"  ref read of 1 chunk in {FIELD_CHUNKS}: {r['ref one chunk bytes']:.0f} bytes moved, "
           f"{100 * share:.2f} % of the field (target <= 2 %), in "
