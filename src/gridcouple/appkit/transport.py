@@ -277,6 +277,10 @@ class Channel:
         header_length, count = _PREFIX.unpack_from(self._buffer, self._start)
         self._check_claim(_PREFIX.size + 8 * count + header_length, header_length, count)
         self._start += _PREFIX.size
+        if not count and self._end - self._start >= header_length:  # a call, a small reply
+            start = self._start
+            self._start += header_length
+            return decode(self._buffer[start: start + header_length], ())
         lengths: tuple[int, ...] = ()
         if count:
             lengths = struct.unpack(f"<{count}Q", self._take(8 * count))
@@ -371,18 +375,22 @@ class Channel:
         spin = self.spin if limit is None else min(self.spin, limit)
         if spin <= 0:
             return False
-        end = time.perf_counter() + spin
-        while not self._poll(0):
-            if time.perf_counter() >= end:
+        poll, clock, end = self._poll_once().poll, time.perf_counter, time.perf_counter() + spin
+        while not poll(0):
+            if clock() >= end:
                 return False
             os.sched_yield()
         return True
 
     def _poll(self, milliseconds: float | None) -> list[tuple[int, int]]:
+        return self._poll_once().poll(milliseconds)
+
+    def _poll_once(self) -> select.poll:
+        """The poll object watching this channel's socket (one per channel)."""
         if self._poller is None:
             self._poller = select.poll()
             self._poller.register(self.sock, select.POLLIN)
-        return self._poller.poll(milliseconds)
+        return self._poller
 
     def _take(self, size: int) -> bytes:
         self._fill(size)
@@ -948,9 +956,10 @@ class ApplicationProxy:
             raise AttributeError(method)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return self.call(method, *args, **kwargs)
+            return self._call(None, method, args, kwargs)
 
         call.__name__ = method
+        self.__dict__[method] = call  # made once per method name, not on every call
         return call
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -55,7 +55,7 @@ def encode(value: Any) -> tuple[bytes, list[memoryview]]:
     return msgpack.packb(value, default=default), buffers
 
 
-def decode(header: bytes, buffers: Sequence[Any]) -> Any:
+def decode(header: bytes | bytearray, buffers: Sequence[Any]) -> Any:
     """The value :func:`encode` sent; arrays are views of ``buffers`` (writable if they are).
     Whatever the bytes, the only error is ValueError ("malformed frame: ...")."""
 
