@@ -253,8 +253,10 @@ class Channel:
 
     def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
         """Send byte strings in order with as few system calls as the kernel allows."""
-        if len(parts) == 1 and isinstance(parts[0], bytes):  # one small frame
-            self.sock.sendall(parts[0])
+        if len(parts) == 1 and isinstance(parts[0], bytes):  # one small frame: as a rule,
+            sent = self.sock.send(parts[0])  # one send (TLS's sendall costs more in Python)
+            if sent < len(parts[0]):
+                self.sock.sendall(parts[0][sent:])
             return
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         if isinstance(self.sock, ssl.SSLSocket):  # TLS has no gathering send
