@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gridcouple.appkit.data import TimeStep
-from gridcouple.appkit.store import ConfinedDirectory
+from gridcouple.appkit.data import Field, StructuredMesh, TimeStep
+from gridcouple.appkit.remote import StoreService, filesystem_type
+from gridcouple.appkit.store import ConfinedDirectory, FieldStore
 from gridcouple.appkit.transport import (
     SPIN_ENV,
     TOKEN_ENV,
@@ -157,3 +160,34 @@ def test_a_stored_chunk_is_viewed_in_place_and_ranges_are_clamped(tmp_path):
             bytes(reader.get("chunk", start, end, suffix)), (start, end, suffix)
     assert bytes(reader.view("empty")) == b""
     assert reader.view("missing") is None
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_producer_serves_chunks_mapped_only_from_a_memory_file_system(tmp_path, in_memory):
+    if in_memory and not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    base = Path(tempfile.mkdtemp(dir="/dev/shm")) if in_memory else tmp_path
+    if not in_memory and filesystem_type(str(base)) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{base} is in memory on this machine")
+    try:
+        store = FieldStore(base / "store")
+        values = np.arange(2048.0).reshape(64, 32)
+        store.put(Field(StructuredMesh((64, 32)), values, "temp", time=1.0))
+        service = StoreService(store)
+        assert service.maps_chunks is in_memory
+        chunk = service.get("temp/v000001/temp/c/0/0")
+        np.testing.assert_array_equal(chunk.view(np.float64).reshape(64, 32), values)
+        assert service.get("temp/v000001/temp/c/0/0", 8, 24).tobytes() == values.tobytes()[8:24]
+        assert service.counts()["chunk_requests"] == 2
+    finally:
+        if in_memory:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_file_system_of_a_path_is_named_from_the_mount_table(tmp_path):
+    if not Path("/proc/self/mountinfo").exists():
+        pytest.skip("needs /proc/self/mountinfo")
+    assert filesystem_type("/proc/self") == "proc"
+    if Path("/dev/shm").is_dir():
+        assert filesystem_type("/dev/shm/not/there/yet") == "tmpfs"
+    assert filesystem_type(str(tmp_path)) not in ("", "proc")

@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import ssl
 import threading
@@ -86,6 +87,10 @@ class StoreService:
     def __init__(self, store: FieldStore) -> None:
         self.store = store
         self.reader: Any = direct_reader(store.url)
+        # Chunks are sent from their files mapped into memory only in memory file systems
+        # (the default store, in /dev/shm): a network file system may fault a mapping.
+        self.maps_chunks = (isinstance(self.reader, ConfinedDirectory)
+                            and filesystem_type(self.reader.root) in _MEMORY_FILE_SYSTEMS)
         self._committed: set[str] = set()
         self._lock = threading.Lock()
         self._counts = {"requests": 0, "chunk_requests": 0, "bytes": 0}
@@ -100,8 +105,7 @@ class StoreService:
                                       or value < 0):
                 raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
         array, chunk, _ = key.partition("/c/")
-        if chunk and isinstance(self.reader, ConfinedDirectory):
-            # a committed version's chunk is never rewritten: sent from the page cache
+        if chunk and self.maps_chunks:  # a committed version's chunk is never rewritten
             data: Any = self.reader.view(key, start, end, suffix)
         else:
             data = self.reader.get(key, start, end, suffix)
@@ -153,6 +157,30 @@ class StoreService:
             return False
         self._committed.add(name)
         return True
+
+
+_MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the file system holding ``path`` (``tmpfs``, ``ext4``, ``nfs4``...), from
+    /proc/self/mountinfo; "" where that cannot be told."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields, _, rest = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) < 5 or not rest:
+                    continue
+                point = parts[4].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, rest.split()[0]
+    except OSError:
+        return ""
+    return kind
 
 
 _served: StoreService | None = None
