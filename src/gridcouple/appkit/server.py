@@ -63,6 +63,7 @@ from gridcouple.appkit.transport import (
     connect,
     local_token,
     serve_channel,
+    spin_seconds,
     tls_contexts,
 )
 from gridcouple.jobman.acl import is_loopback_host
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         cls = load_application_class(args.app)
         token = local_token()
         limits = Limits.from_env()
+        spin_seconds()  # a bad $GRIDCOUPLE_SPIN_US ends the start, not every connection
         tls = _tls_from_env()
         if tls is None and not is_loopback_host(args.host):
             raise ValueError(f"--host {args.host}: listening beyond loopback needs mutual TLS "
