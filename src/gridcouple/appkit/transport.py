@@ -961,7 +961,6 @@ class ApplicationProxy:
             return self._call(None, method, args, kwargs)
 
         call.__name__ = method
-        self.__dict__[method] = call  # made once per method name, not on every call
         return call
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
