@@ -235,6 +235,17 @@ def latency_us(call: Callable[[], object], count: int) -> float:
     return statistics.median(samples) * 1e6
 
 
+def alternating_latencies(calls: dict[str, Callable[[], object]],
+                          count: int) -> dict[str, float]:
+    """``latency NAME`` of each call: ``count`` calls each, in three rounds that take turns
+    (so they share the machine's moments), the median of the three medians."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(3):
+        for name, call in calls.items():
+            samples[name].append(latency_us(call, count // 3))
+    return {f"latency {name}": statistics.median(values) for name, values in samples.items()}
+
+
 def seconds(transfer: Callable[[], object]) -> float:
     started = time.perf_counter()
     transfer()
@@ -300,21 +311,18 @@ def run(args: argparse.Namespace, results: dict[str, float]) -> None:
                            {TOKEN_ENV: SECRET, "GRIDCOUPLE_FIELD_STORE": store})
         processes.append(ours)
         proxy = ApplicationProxy(json.loads(line)["endpoint"], SECRET, name="bench")
-        results["latency ours"] = latency_us(proxy.ping, args.calls)
-
         pyro, uri = start([sys.executable, __file__, "--serve-pyro"])
         processes.append(pyro)
         import Pyro5.api
 
         pyro_proxy = Pyro5.api.Proxy(uri)
-        results["latency Pyro5"] = latency_us(pyro_proxy.ping, args.calls)
-
         tcp, port = start([sys.executable, __file__, "--serve-tcp"])
         processes.append(tcp)
         raw, raw_ping = raw_peer(("127.0.0.1", int(port)))
-        results["latency raw TCP"] = latency_us(raw_ping, args.calls)
         polled, polled_ping = raw_peer(("127.0.0.1", int(port)), polling=True)
-        results["latency raw TCP, polling"] = latency_us(polled_ping, args.calls)
+        results.update(alternating_latencies({
+            "ours": proxy.ping, "Pyro5": pyro_proxy.ping, "raw TCP": raw_ping,
+            "raw TCP, polling": polled_ping}, args.calls))
         polled.close()
 
         proxy.make_field()
@@ -379,14 +387,10 @@ def _placement(args: argparse.Namespace, results: dict[str, float]) -> None:
                 address = ("127.0.0.1", int(port))
                 (raw, raw_ping), (polled, polled_ping) = (raw_peer(address, polling)
                                                           for polling in (False, True))
-                calls = {"ours": proxy.ping, "raw TCP": raw_ping,
-                         "raw TCP, polling": polled_ping}
-                samples: dict[str, list[float]] = {name: [] for name in calls}
-                for _ in range(3):  # alternating; the median of three each
-                    for name, call in calls.items():
-                        samples[name].append(latency_us(call, args.calls // 3))
-                for name, values in samples.items():
-                    results[f"latency {name}, {placement}"] = statistics.median(values)
+                latencies = alternating_latencies({
+                    "ours": proxy.ping, "raw TCP": raw_ping, "raw TCP, polling": polled_ping},
+                    args.calls)
+                results.update({f"{k}, {placement}": v for k, v in latencies.items()})
                 proxy.close()
                 raw.close()
                 polled.close()
@@ -586,12 +590,7 @@ def cross_client(spec_text: str) -> None:
              "raw TCP, polling": raw_peer(plain_address, polling=True)[1],
              "raw TLS, polling": raw_peer(tls_address, polling=True, tls=tls)[1],
              "Pyro5": pyro.ping}
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(3):  # alternating; the median of three each
-        for name, call in calls.items():
-            samples[name].append(latency_us(call, spec["calls"] // 3))
-    for name, values in samples.items():
-        results[f"latency {name}"] = statistics.median(values)
+    results.update(alternating_latencies(calls, spec["calls"]))
 
     proxy.make_field()
     proxy.use_chunks(FIELD_CHUNKS)
