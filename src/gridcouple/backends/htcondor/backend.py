@@ -332,10 +332,6 @@ class HTCondorBackend(BatchBackend):
         """kill_wait plus a margin for the shadow to log the end."""
         return self.options.kill_wait + 5.0
 
-    def field_store_base(self) -> str | None:
-        """Below the shared state directory; none with spooling."""
-        return None if self.options.spool else super().field_store_base()
-
     # --- the schedd ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
