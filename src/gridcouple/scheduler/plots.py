@@ -5,6 +5,7 @@ summary metrics."""
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,6 +104,12 @@ class _Run:
     def ran(self) -> np.ndarray:
         return ~np.isnan(self.start) & ~np.isnan(self.end)
 
+    @functools.cached_property
+    def busy(self) -> tuple[np.ndarray, np.ndarray]:
+        """The busy processors over time (a step function), for every panel that shows them."""
+        ran = self.ran
+        return busy_processors(self.start[ran], self.end[ran], self.procs[ran])
+
 
 def plot_schedule(simulator: Simulator, path: str | Path, title: str = "") -> Path:
     """Draw one simulator's schedule to ``path`` (PNG); returns the path."""
@@ -156,7 +163,7 @@ def plot_schedules(runs: Sequence[tuple[str, Simulator]], path: str | Path, titl
     middles = (edges[:-1] + edges[1:]) / 2 - origin
     for run, colour in zip(arrays, colours, strict=True):
         ran = run.ran
-        times, busy = busy_processors(run.start[ran], run.end[ran], run.procs[ran])
+        times, busy = run.busy
         load.plot(middles / unit.seconds,
                   window_average(times, busy, edges) / run.simulator.capacity,
                   color=colour, label=run.name)
@@ -216,8 +223,7 @@ def _occupancy(panel: Any, run: _Run, origin: float, finish: float, unit: TimeUn
                colour: Any) -> None:
     """Busy processors over time, averaged over short windows and filled: what a Gantt chart
     of many jobs shows as confetti."""
-    ran = run.ran
-    times, busy = busy_processors(run.start[ran], run.end[ran], run.procs[ran])
+    times, busy = run.busy
     edges = np.linspace(origin, finish, OCCUPANCY_WINDOWS + 1)
     panel.fill_between((edges[:-1] - origin) / unit.seconds, window_average(times, busy, edges),
                        step="post", color=colour, alpha=0.6, linewidth=0)
