@@ -629,9 +629,10 @@ class Executor(concurrent.futures.Executor):
         """Cancel calls: those not submitted yet are dropped, the jobs of the others are
         canceled in ONE backend call. ``mark``: also mark the futures cancelled."""
         jobs = []
+        cancelling = {id(f) for f in futures}
         with self._lock:
             queued = {id(c.future) for c in self._queue}
-            self._queue = [c for c in self._queue if c.future not in futures]
+            self._queue = [c for c in self._queue if id(c.future) not in cancelling]
             for future in futures:
                 if future.done():
                     continue
