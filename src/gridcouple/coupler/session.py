@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -87,6 +86,7 @@ from gridcouple.backends.base import Backend
 from gridcouple.backends.shared_fs import shares_file_system
 from gridcouple.config import Config, CouplerSection, load_config
 from gridcouple.errors import ConfigError, GridcoupleError
+from gridcouple.jobman.acl import is_loopback_host
 from gridcouple.jobs import Job, JobSpec, JobStatus, Resources
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ class Coupler:
         return member
 
     def _job_spec(self, member: _Member, request: AppRequest) -> JobSpec:
-        host = "127.0.0.1" if _is_loopback(self.settings.host) else "0.0.0.0"
+        host = "127.0.0.1" if is_loopback_host(self.settings.host) else "0.0.0.0"
         root = self._field_store_root(member.backend)
         environment = {
             TOKEN_ENV: member.token,
@@ -867,7 +867,7 @@ class Coupler:
         settings = self.settings
         keys = ("tls_ca_file", "tls_cert", "tls_key")
         given = {k: getattr(settings, k) for k in keys if getattr(settings, k) is not None}
-        if not given and _is_loopback(settings.host):
+        if not given and is_loopback_host(settings.host):
             return {}
         missing = [k for k in keys if k not in given]
         if missing:
@@ -958,15 +958,6 @@ def _quietly_terminate(member: _Member) -> None:
     with contextlib.suppress(Exception):
         assert member.proxy is not None
         member.proxy.terminate()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 __all__ = ["AppRequest", "ApplicationError", "ApplicationFailedError", "ApplicationStartError",
