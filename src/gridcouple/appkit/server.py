@@ -40,7 +40,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import select
 import shutil
 import signal
@@ -54,7 +53,7 @@ from typing import Any
 
 from gridcouple.appkit import application, remote
 from gridcouple.appkit.application import Application
-from gridcouple.appkit.store import FieldStore
+from gridcouple.appkit.store import PRODUCER_NAME, FieldStore
 from gridcouple.appkit.transport import (
     Channel,
     Limits,
@@ -79,7 +78,6 @@ SCHEDULER_TLS_ENV = "GRIDCOUPLE_SCHEDULER_TLS"  # JSON: Security keyword argumen
 HEARTBEAT_ENV = "GRIDCOUPLE_HEARTBEAT"  # "interval,silence" in seconds
 TLS_DIR_ENV = "GRIDCOUPLE_TLS_DIR"  # this host's ca.pem, cert.pem, key.pem (gridcouple certs)
 JOIN_HANDLER = "gridcouple_join"
-_PRODUCER_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 HEARTBEAT_INTERVAL = 1.0  # seconds between the coupler's pings
 COUPLER_SILENCE = 20.0  # seconds without a word from the coupler before a server gives up
 
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gridcouple app server: error: {exc}", file=sys.stderr)
         return 2
     name = args.name or os.environ.get(JOB_NAME_ENV) or cls.__name__
-    application.store_producer = name if _PRODUCER_NAME.fullmatch(name) else ""
+    application.store_producer = name if PRODUCER_NAME.fullmatch(name) else ""
     app = cls()
     store, scratch = _open_store(app, name)
     fields_token = os.environ.get(remote.FIELD_TOKEN_ENV, "")
@@ -203,7 +201,7 @@ def _open_store(app: Application, name: str) -> tuple[FieldStore | None, str | N
     if not isinstance(app, Application):
         return None, None
     store = app.field_store
-    if not store.producer and _PRODUCER_NAME.fullmatch(name):
+    if not store.producer and PRODUCER_NAME.fullmatch(name):
         store.producer = name  # a store the class made itself
     return store, app._field_store_scratch
 

@@ -84,7 +84,7 @@ _OWNER = re.compile(r"(?P<host>[A-Za-z0-9.-]+)_(?P<pid>[0-9]{1,10})_(?P<start>[0
 # On file systems whose create-only write checks, then writes (memory://, fsspec's default
 # pipe_file), this lock makes it one step within one process; see _needs_create_lock.
 _CREATE_LOCK = threading.Lock()
-_PRODUCER = re.compile(r"[A-Za-z0-9_.+-]{1,64}")  # an application's name in a session
+PRODUCER_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")  # an application's name in a session
 _STORE_ID = re.compile(r"[0-9a-f]{32}")
 _REF_KEYS = frozenset({"store_url", "field_id", "version", "shape", "dtype", "chunks", "mesh",
                        "value_type", "units", "time", "location", "metadata", "producer",
@@ -176,7 +176,7 @@ class FieldRef:
             raise ValueError(f"FieldRef of field {self.field_id!r}: store_url must be a "
                              f"non-empty string, got {self.store_url!r}")
         if self.producer and not (isinstance(self.producer, str)
-                                  and _PRODUCER.fullmatch(self.producer)):
+                                  and PRODUCER_NAME.fullmatch(self.producer)):
             raise ValueError(f"FieldRef of field {self.field_id!r}: producer {self.producer!r} "
                              "is not an application name")
         if self.store_id and not (isinstance(self.store_id, str)
@@ -321,7 +321,7 @@ class FieldStore:
         self.local = _is_local(text)
         self.url = str(_local_path(text)) if self.local else text
         self.chunk_bytes = chunk_bytes
-        if producer and not _PRODUCER.fullmatch(producer):
+        if producer and not PRODUCER_NAME.fullmatch(producer):
             raise ValueError(f"FieldStore producer {producer!r} is not an application name")
         self.producer = producer
         self._groups: set[str] = set()  # the groups this store has made or found
@@ -991,11 +991,9 @@ class ConfinedDirectory:
         except FileNotFoundError:
             return None
         with open(fd, "rb", buffering=0, closefd=True) as handle:
-            size = os.fstat(handle.fileno()).st_size
-            first = max(0, size - suffix) if suffix is not None else (start or 0)
-            last = size if end is None else min(end, size)
+            first, last = _byte_range(os.fstat(handle.fileno()).st_size, start, end, suffix)
             handle.seek(first)
-            return _read_exactly(handle, max(0, last - first))
+            return _read_exactly(handle, last - first)
 
     def view(self, key: str, start: int | None = None, end: int | None = None,
              suffix: int | None = None) -> memoryview | bytes | None:
@@ -1008,9 +1006,7 @@ class ConfinedDirectory:
         except FileNotFoundError:
             return None
         try:
-            size = os.fstat(fd).st_size
-            first = max(0, size - suffix) if suffix is not None else min(start or 0, size)
-            last = size if end is None else max(first, min(end, size))
+            first, last = _byte_range(os.fstat(fd).st_size, start, end, suffix)
             if last == first:
                 return b""
             aligned = first - first % mmap.ALLOCATIONGRANULARITY
@@ -1049,6 +1045,14 @@ class ConfinedDirectory:
         from gridcouple.appkit.readonly import ReaderStore
 
         return ReaderStore(self)
+
+
+def _byte_range(size: int, start: int | None, end: int | None,
+                suffix: int | None) -> tuple[int, int]:
+    """The bytes ``[first, last)`` of a file of ``size`` bytes that ``start``/``end``, or the
+    last ``suffix``, name, clamped to the file."""
+    first = max(0, size - suffix) if suffix is not None else min(start or 0, size)
+    return first, size if end is None else max(first, min(end, size))
 
 
 def _read_exactly(handle: Any, size: int) -> bytearray:
