@@ -493,14 +493,9 @@ class CouplerLink:
 
     def request(self, message: dict[str, Any]) -> Any:
         """One request to the coupler's registry, on a connection of its own."""
-        channel = connect(self.coupler, self.token, name=self.name, tls=self.tls,
-                          timeout=CONNECT_TIMEOUT)
-        try:
-            channel.sock.settimeout(FIELD_READ_TIMEOUT)
-            channel.send(message)
-            return channel.receive()
-        finally:
-            channel.close()
+        channel, reply = self._ask(message)
+        channel.close()
+        return reply
 
     def lookup(self, name: str) -> MemberInfo | None:
         with self._lock:
@@ -536,19 +531,24 @@ class CouplerLink:
 
     def relay(self, producer: str) -> Channel:
         """A channel to ``producer``'s store service that the coupler relays."""
-        channel = connect(self.coupler, self.token, name=self.name, tls=self.tls,
-                          timeout=CONNECT_TIMEOUT)
-        try:
-            channel.sock.settimeout(FIELD_READ_TIMEOUT)
-            channel.send({"op": "relay", "name": producer})
-            reply = channel.receive()
-        except BaseException:
-            channel.close()
-            raise
+        channel, reply = self._ask({"op": "relay", "name": producer})
         if reply != "ok":
             channel.close()
             raise TransportError(f"the coupler does not relay to {producer}: {reply}")
         return channel
+
+    def _ask(self, message: dict[str, Any]) -> tuple[Channel, Any]:
+        """A new connection to the coupler's registry, ``message`` sent on it, and the
+        reply; the connection stays open for the caller."""
+        channel = connect(self.coupler, self.token, name=self.name, tls=self.tls,
+                          timeout=CONNECT_TIMEOUT)
+        try:
+            channel.sock.settimeout(FIELD_READ_TIMEOUT)
+            channel.send(message)
+            return channel, channel.receive()
+        except BaseException:
+            channel.close()
+            raise
 
 
 def relay(reader: Channel, producer: Channel) -> None:
