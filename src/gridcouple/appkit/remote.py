@@ -57,6 +57,7 @@ from gridcouple.appkit.transport import (
     AuthenticationError,
     Channel,
     TransportError,
+    _is_reply,
     connect,
 )
 
@@ -300,17 +301,15 @@ class RemoteSource:
                 reply = channel.receive(into)
             except (OSError, TransportError, ValueError) as exc:  # ValueError: a bad frame
                 raise self._gone(exc) from None
-        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] in (0, 1)):
+        if not _is_reply(reply):
             raise FieldUnavailableError(f"{self.info.describe()} answered {method} with "
                                         f"{str(reply)[:100]}")
         status, value = reply
         if status:
-            message = value.get("message", "") if isinstance(value, dict) else str(value)
-            kind = value.get("type", "") if isinstance(value, dict) else ""
-            if kind == "RefRefusedError":
-                raise RefRefusedError(message)
+            if value["type"] == "RefRefusedError":
+                raise RefRefusedError(value["message"])
             raise FieldUnavailableError(f"{self.info.describe()} could not serve {args[0]!r}: "
-                                        f"{kind}: {message}")
+                                        f"{value['type']}: {value['message']}")
         return value
 
     @contextlib.contextmanager
