@@ -88,16 +88,17 @@ def peer_uid(address: str) -> int | None:
             return None
 
 
-def process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (tells a pid from its reuse)."""
+def process_start(pid: int, *, zombie: bool = False) -> int | None:
+    """The process's start time in clock ticks since boot (tells a pid from its reuse); None
+    if there is no such process, or it is a zombie (unless ``zombie``)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] == b"Z" and not zombie:
+            return None
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
 def daemon_environment() -> dict[str, str]:

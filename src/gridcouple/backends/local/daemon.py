@@ -54,6 +54,7 @@ from gridcouple.backends.local.backend import (
     daemon_address,
     environment_file,
     peer_uid,
+    process_start,
     socket_peer_uid,
 )
 from gridcouple.backends.shared_fs import job_home, output_file, working_directory
@@ -655,7 +656,7 @@ class Daemon:
                 os.close(fd)
         _remove(home / f"{NOT_STARTED}.{pid}")  # a mark of a gate long gone
         return Launch(job_id=job_id, spec=spec, home=home, pid=pid, go=go,
-                      proc_start=_process_start_any(pid) or 0)
+                      proc_start=process_start(pid, zombie=True) or 0)
 
     def _check_command(self, command: str, path: str, cwd: str) -> None:
         """Raise CannotStart unless ``command`` names an executable file (as exec finds it
@@ -853,7 +854,8 @@ class Daemon:
                 estimate=spec.expected_runtime,
                 deadline=start + walltime if walltime else None,
                 memory_mb=spec.resources.memory_mb, proc_start=proc_start, home=home)
-            if _process_start_any(pid) == proc_start:  # running, or a zombie not yet reaped
+            # running, or a zombie not yet reaped
+            if process_start(pid, zombie=True) == proc_start:
                 try:
                     run.pidfd = os.pidfd_open(pid)
                 except OSError:
@@ -887,7 +889,7 @@ def _ended_unwatched(pid: int, proc_start: int, home: Path,
             code = None
         if isinstance(code, int):
             return code
-        if _process_start_any(pid) == proc_start:
+        if process_start(pid, zombie=True) == proc_start:
             return "running"
     return None
 
@@ -936,19 +938,6 @@ def _check_command(command: str, path: str, cwd: str) -> None:
     if denied is not None:
         raise CannotStart(f"cannot start: Permission denied: {denied!r}", 126)
     raise CannotStart(f"cannot start: No such file or directory: {command!r}", 127)
-
-
-def _process_start_any(pid: int) -> int | None:
-    """The start time of a process, zombies included (None if there is no such pid)."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            text = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        return int(text[text.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _prune_exits(directory: Path, age: float = 86400.0) -> None:
