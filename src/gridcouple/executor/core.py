@@ -535,7 +535,7 @@ class Executor(concurrent.futures.Executor):
         Returns whether a state changed."""
         if not futures:
             return False
-        jobs = [f.job for f in futures if f.job is not None]
+        jobs = [f._submitted_job for f in futures]
         try:
             statuses = self.backend.status(jobs)
         except QueryUnavailableError as exc:
