@@ -751,7 +751,8 @@ def logs(
                 current = chosen.status([job])[0]
         text = chosen.read_output(job, stream, tail=tail)
         typer.echo(text, nl=False)
-        shown = len(chosen.read_output(job, stream)) if tail else len(text)
+        # where following goes on: the whole output's end (read again only after a tail)
+        shown = len(chosen.read_output(job, stream)) if tail and follow_output else len(text)
         while follow_output and not chosen.status([job])[0].state.is_final:
             time.sleep(0.5)
             text = chosen.read_output(job, stream)
