@@ -44,7 +44,7 @@ def refused(address: str, security: Security) -> bool:
     return False
 
 
-def check_start_failure(error: WorkerStartError, cluster: BatchCluster) -> None:
+def check_start_failure(error: WorkerStartError) -> None:
     """A worker job that ran a missing interpreter: its state and stderr tail, said clearly."""
     assert error.status is not None and error.job is not None
     assert (error.status.state, error.status.exit_code) == (JobState.FAILED, 127)
@@ -104,7 +104,7 @@ def test_a_worker_job_with_a_missing_interpreter_is_raised_not_waited_for(local_
         with pytest.raises(WorkerStartError) as failed:
             client.wait_for_workers(2, timeout=120)
         assert time.monotonic() - started < 10
-        check_start_failure(failed.value, cluster)
+        check_start_failure(failed.value)
         wait_until(lambda: len(cluster.start_failures) == 2, what="both failures")
         assert repr(cluster).endswith(
             "local jobs: 0 pending, 0 running (0 joined), 2 failed (FAILED (cannot start: No "
@@ -163,7 +163,7 @@ def test_slurm_worker_jobs_pending_held_and_failed_are_shown_within_one_poll(tmp
             broken.scale(1)
             with pytest.raises(WorkerStartError) as failed:
                 broken.wait_for_workers(1, timeout=120)
-            check_start_failure(failed.value, broken)
+            check_start_failure(failed.value)
             assert failed.value.status.native_state == "FAILED"
             assert time.monotonic() - started < 30
             assert "0 pending, 0 running (0 joined), 1 failed (FAILED (NonZeroExitCode) " \
