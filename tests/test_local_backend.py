@@ -28,7 +28,7 @@ def sh(script: str, **kwargs) -> JobSpec:
 def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except OSError:  # gone (ESRCH while it is being reaped too)
         return False
     return "State:\tZ" not in state
 
@@ -337,7 +337,7 @@ def test_sigkill_while_starting_jobs_runs_each_exactly_once(state_dir, tmp_path)
             else:
                 time.sleep(rng.uniform(0, 0.2))
             os.kill(daemon, signal.SIGKILL)
-            _wait_until(lambda pid=daemon: not _alive(pid))
+            _wait_until(lambda pid=daemon: not pid_alive(pid))
             backend.wake_daemon()  # the next daemon takes over
             statuses = backend.wait(jobs, timeout=60)
             pids = []
@@ -349,7 +349,7 @@ def test_sigkill_while_starting_jobs_runs_each_exactly_once(state_dir, tmp_path)
             events = backend.journal.events_since(0, jobs[0].id, jobs[-1].id)
             finals = Counter(job_id for _, job_id, state, _ in events if state.is_final)
             assert all(finals[job.id] == 1 for job in jobs), finals
-            assert not [pid for pid in pids if _alive(pid)], "a job process is left"
+            assert not [pid for pid in pids if pid_alive(pid)], "a job process is left"
         # the trials did hit the start-up turn: gates that never ran left their mark, and
         # jobs that ran were adopted
         assert list((state_dir / "jobs").glob("*/.not-started.*"))
@@ -415,7 +415,7 @@ def test_gates_spawned_ahead_close_without_running_their_job(local_backend, tmp_
     local_backend.cancel([canceled])
     local_backend.hold([held])
     local_backend.wake_daemon()
-    _wait_until(lambda: not any(_alive(pid) for pid in gates.values()))
+    _wait_until(lambda: not any(pid_alive(pid) for pid in gates.values()))
     local_backend.cancel(blockers)
     local_backend.wait(blockers, timeout=15)
     assert local_backend.status([canceled, held])[0].state is JobState.CANCELED
@@ -440,13 +440,6 @@ def _gate_pid(backend: LocalBackend, job_id: int) -> int:
                 return int(proc.name)
         time.sleep(0.02)
     raise AssertionError(f"no gate for job {job_id}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
 
 
 def _wait_until(condition, timeout: float = 10.0) -> None:
