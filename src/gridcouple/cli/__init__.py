@@ -130,13 +130,12 @@ def with_overrides(config: Config, backend: str | None = None,
 
 
 def open_config(config_path: Path | None, backend: str | None = None,
-                state_dir: Path | None = None, *, check_backend: bool = True) -> Config:
+                state_dir: Path | None = None) -> Config:
     """Load the configuration the way every command does: ``backend`` overrides its choice,
-    ``state_dir`` its state directory. The chosen backend must exist (``check_backend``): a
-    typo in ``$GRIDCOUPLE_BACKEND`` is an error, not an empty journal."""
-    config = with_overrides(load_config(config_path), backend, state_dir)
-    if check_backend:
-        from gridcouple.backends import backend_class
+    ``state_dir`` its state directory. The chosen backend must exist: a typo in
+    ``$GRIDCOUPLE_BACKEND`` is an error, not an empty journal."""
+    from gridcouple.backends import backend_class
 
-        backend_class(config.backend, config)
+    config = with_overrides(load_config(config_path), backend, state_dir)
+    backend_class(config.backend, config)
     return config
