@@ -300,12 +300,14 @@ def test_config_check_reports_every_error_with_its_line(quick, tmp_path):
 def test_help_shows_no_python_types_and_version():
     from typer.testing import CliRunner
 
-    from gridcouple.cli import app, jobs, run, simulate  # noqa: F401  (main registers them so)
+    from gridcouple.cli import app, certs, jobman, jobs, run, simulate  # noqa: F401  (as main)
 
     runner = CliRunner()
     pages = [[], ["config"]] + [[name] for name in (
         "submit", "status", "cancel", "hold", "release", "logs", "wait", "run", "simulate")] \
-        + [["config", "check"]]
+        + [["config", "check"], ["certs", "ca"], ["certs", "site"], ["jobman"],
+           ["jobman", "serve"], ["jobman", "stop"], ["jobman", "status"], ["jobman", "token"],
+           ["jobman", "token", "add"], ["jobman", "token", "list"], ["jobman", "token", "revoke"]]
     for page in pages:
         text = runner.invoke(app, [*page, "--help"], terminal_width=100).output
         assert "Usage:" in text and not re.search(r"<[a-z_]+(\[[a-z_, \[\]]*\])?>", text), text

@@ -15,15 +15,15 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from gridcouple.cli import ConfigOption, app, open_config
+from gridcouple.cli import ConfigOption, app, new_app, open_config
 from gridcouple.errors import ConfigError, GridcoupleError
 
 TOKEN_ENV = "GRIDCOUPLE_JOBMAN_TOKEN"
 console = Console()
-jobman_app = typer.Typer(help="Run a job manager for partners, manage its tokens, watch one.",
-                         no_args_is_help=True)
-token_app = typer.Typer(help="Bearer tokens of the job manager's users (stored hashed).",
-                        no_args_is_help=True)
+jobman_app = new_app(help="Run a job manager for partners, manage its tokens, watch one.",
+                     no_args_is_help=True)
+token_app = new_app(help="Bearer tokens of the job manager's users (stored hashed).",
+                    no_args_is_help=True)
 jobman_app.add_typer(token_app, name="token")
 app.add_typer(jobman_app, name="jobman")
 
