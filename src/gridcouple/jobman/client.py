@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import ssl
-import stat
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 from gridcouple.errors import BackendError, ConfigError, QueryUnavailableError
 from gridcouple.jobman.acl import is_loopback_host
+from gridcouple.jobman.tokens import read_owner_only
 
 API = "/api/v1"
 CHUNK = 256 * 1024
@@ -43,16 +43,8 @@ class JobManagerRefused(BackendError):
 
 def read_token(path: str | os.PathLike[str]) -> str:
     """A token from an owner-only file (its first line); ConfigError otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise ConfigError(f"token file {path}: {exc.strerror}") from None
-    with os.fdopen(fd) as file:
-        mode = os.fstat(fd).st_mode
-        if mode & 0o077:
-            raise ConfigError(f"token file {path} is open to others (mode "
-                              f"{stat.S_IMODE(mode):04o}); make it owner-only: chmod 600")
-        token = file.readline().strip()
+    lines = read_owner_only(path).decode().splitlines()
+    token = lines[0].strip() if lines else ""
     if not token:
         raise ConfigError(f"token file {path} is empty")
     return token

@@ -48,6 +48,21 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def read_owner_only(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a token file, which must be owner-only and not a symlink; ConfigError
+    otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"token file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o077:
+            raise ConfigError(f"token file {path} is open to others (mode "
+                              f"{stat.S_IMODE(mode):04o}); make it owner-only: chmod 600")
+        return file.read()
+
+
 class TokenStore:
     """The token file of one job manager (see the module docstring)."""
 
@@ -121,23 +136,14 @@ class TokenStore:
     # --- the file ----------------------------------------------------------------------------
 
     def _read(self) -> dict[str, Any]:
+        text = read_owner_only(self.path)
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise ConfigError(f"token file {self.path}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as file:
-            mode = os.fstat(fd).st_mode
-            if mode & 0o077:
-                raise ConfigError(f"token file {self.path} is open to others (mode "
-                                  f"{stat.S_IMODE(mode):04o}); make it owner-only: chmod 600")
-            try:
-                data = json.loads(file.read())
-                tokens = data["tokens"]
-                for entry in tokens:
-                    if not (isinstance(entry["user"], str) and isinstance(entry["sha256"], str)):
-                        raise TypeError("user and sha256 must be strings")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"token file {self.path} is damaged: {exc}") from None
+            data = json.loads(text)
+            for entry in data["tokens"]:
+                if not (isinstance(entry["user"], str) and isinstance(entry["sha256"], str)):
+                    raise TypeError("user and sha256 must be strings")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"token file {self.path} is damaged: {exc}") from None
         return data
 
     @contextlib.contextmanager
