@@ -148,6 +148,7 @@ def test_what_a_job_may_run_is_the_configured_commands_and_applications(tmp_path
             "python", "-m", "gridcouple.appkit.server", "--app",
             "gridcouple.recipes.weak_coupling:Concentration", "--name", "c"]}]})
         assert code == 201, body
+        assert [job["id"] for job in body["jobs"]] == [1]  # the journal kept no refused job
         assert not (jm.work_root / "queue" / "jobs" / "2").exists()  # nothing refused was kept
 
 
