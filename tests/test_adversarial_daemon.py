@@ -25,6 +25,7 @@ from gridcouple.backends.local import LocalBackend, LocalOptions
 from gridcouple.backends.local.backend import daemon_address
 from gridcouple.errors import BackendError, OptionError
 from gridcouple.jobs import JobSpec, JobState, Resources
+from test_local_backend import _daemon_pid
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -42,7 +43,7 @@ class Victim:
                                                    name="kept")])
         [status] = self.backend.wait([self.kept], timeout=30)
         assert status.state is JobState.COMPLETED
-        self.pid = daemon_pid(state_dir)
+        self.pid = _daemon_pid(self.backend)
 
     def send(self, data: bytes) -> None:
         """Send raw bytes on the daemon's socket and close."""
@@ -58,7 +59,7 @@ class Victim:
         [status] = self.backend.wait([job], timeout=timeout)
         assert status.state is JobState.COMPLETED, status
         assert self.backend.read_output(job) == "fine\n"
-        assert daemon_pid(self.backend.state_dir) == self.pid, "the daemon was restarted"
+        assert _daemon_pid(self.backend) == self.pid, "the daemon was restarted"
         [record] = self.backend.journal.get([self.kept.id])
         assert record.status.state is JobState.COMPLETED and record.status.exit_code == 0
         assert self.backend.read_output(self.kept) == KEPT
@@ -77,24 +78,6 @@ def victim(state_dir):
     target = Victim(state_dir)
     yield target
     target.close()
-
-
-def daemon_pid(state_dir: Path, timeout: float = 10.0) -> int:
-    """The pid of the daemon serving ``state_dir`` (not its keeper)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"gridcouple.backends.local.daemon" in cmdline and \
-                    str(state_dir).encode() in cmdline:
-                return int(entry.name)
-        time.sleep(0.05)
-    raise AssertionError(f"no daemon serves {state_dir}")
 
 
 # --- the socket: named cases -----------------------------------------------------------------

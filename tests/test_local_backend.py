@@ -429,17 +429,7 @@ def test_gates_spawned_ahead_close_without_running_their_job(local_backend, tmp_
 
 def _gate_pid(backend: LocalBackend, job_id: int) -> int:
     home = str(backend.job_home(job_id)).encode()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for proc in Path("/proc").iterdir():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"gridcouple-gate" in cmdline and home + b"/.not-started" in cmdline:
-                return int(proc.name)
-        time.sleep(0.02)
-    raise AssertionError(f"no gate for job {job_id}")
+    return pid_with_args(b"gridcouple-gate", home + b"/.not-started", what=f"gate for job {job_id}")
 
 
 def _wait_until(condition, timeout: float = 10.0) -> None:
@@ -450,7 +440,14 @@ def _wait_until(condition, timeout: float = 10.0) -> None:
 
 
 def _daemon_pid(backend: LocalBackend) -> int:
-    deadline = time.monotonic() + 10
+    """The pid of the daemon serving the backend's state dir (not its keeper)."""
+    return pid_with_args(b"gridcouple.backends.local.daemon", str(backend.state_dir).encode(),
+                         what=f"local daemon serving {backend.state_dir}")
+
+
+def pid_with_args(*args: bytes, what: str, timeout: float = 10.0) -> int:
+    """The pid of a process whose command line has each of ``args`` (waiting for one)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -459,11 +456,10 @@ def _daemon_pid(backend: LocalBackend) -> int:
                 cmdline = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"gridcouple.backends.local.daemon" in cmdline and \
-                    str(backend.state_dir).encode() in cmdline:
+            if all(arg in cmdline for arg in args):
                 return int(proc.name)
-        time.sleep(0.05)
-    raise AssertionError("no local daemon is running")
+        time.sleep(0.02)
+    raise AssertionError(f"no {what}")
 
 
 def _proc_field(pid: int, name: str) -> str:
