@@ -88,6 +88,12 @@ from gridcouple.config import Config, CouplerSection, load_config
 from gridcouple.errors import ConfigError, GridcoupleError
 from gridcouple.jobman.acl import is_loopback_host
 from gridcouple.jobs import Job, JobSpec, JobStatus, Resources
+from gridcouple.tls_scheduler import (
+    client_kwargs,
+    configured_tls,
+    session_security,
+    start_tls_scheduler,
+)
 
 log = logging.getLogger(__name__)
 
@@ -804,31 +810,21 @@ class Coupler:
     def _start_scheduler(self) -> None:
         import distributed  # noqa: F401  (sets its loggers' levels when imported: first)
 
-        from gridcouple.tls_scheduler import client_kwargs, start_tls_scheduler
-
         self._quiet_dask()
 
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="dask-scheduler", daemon=True).start()
         self._loop = loop
 
-        security = self._scheduler_security()
+        # Mutual TLS always: a dask peer may send pickles. Beyond loopback the configured
+        # certificate; on loopback one made for this session (so another local user cannot
+        # run code in the coupler through the scheduler).
+        security = session_security(self.security_kwargs)
         self._scheduler_client_kwargs = client_kwargs(security)
         # No HTTP routes: the scheduler is our membership list, not a dashboard.
         start = start_tls_scheduler(self.settings.host, self.settings.port, security,
                                     handlers={JOIN_HANDLER: self._scheduler_join})
         self._scheduler = asyncio.run_coroutine_threadsafe(start, loop).result(30)
-
-    def _scheduler_security(self) -> Any:
-        """Mutual TLS for the dask scheduler, always: a dask peer may send pickles, so only
-        holders of the session's certificate may connect. Beyond loopback it is the configured
-        one; on loopback a certificate made for this session (so another local user cannot
-        run code in the coupler through the scheduler)."""
-        from distributed.security import Security
-
-        if self.security_kwargs:
-            return Security(**self.security_kwargs)
-        return Security.temporary()
 
     async def _scheduler_join(self, comm: Any, name: str, endpoint: str, proof: str,
                               **info: Any) -> Any:
@@ -878,9 +874,7 @@ class Coupler:
         for key, path in given.items():
             if not path.is_file():
                 raise ConfigError(f"{self.config.where(('coupler', key))}: {path} is not a file")
-        ca, cert, key = (str(given[k]) for k in keys)
-        return {"require_encryption": True, "tls_ca_file": ca, "tls_client_cert": cert,
-                "tls_client_key": key, "tls_scheduler_cert": cert, "tls_scheduler_key": key}
+        return configured_tls(settings)
 
     def _field_store_root(self, backend: Backend) -> str | None:
         """Where the applications of ``backend`` keep field versions: ``[coupler]
