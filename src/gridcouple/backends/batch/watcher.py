@@ -50,7 +50,7 @@ class StatusWatcher:
         backoff = self.backend.backoff
         others = self._watched - {r.job.id for r in known}
         records = [r for r in [*known, *self.backend.journal.get(sorted(others))]
-                   if r.job.id in self._watched and not r.status.state.is_final]
+                   if not r.status.state.is_final]  # known ones not final are watched
         self._watched = {r.job.id for r in records}
         if not records:
             return []
@@ -62,11 +62,11 @@ class StatusWatcher:
             self._due = time.monotonic() + self._interval
             raise
         changed = self.backend.record(records, fresh)
-        states = {r.job.id: r.status.state for r in records}
-        moved = any(fresh[i].state is not states[i] for i in changed)
         if self._expected != expected:  # a change was announced while the query ran
             self._interval, self._due = backoff.first, 0.0
             return changed
+        states = {r.job.id: r.status.state for r in records}
+        moved = any(fresh[i].state is not states[i] for i in changed)
         self._interval = backoff.first if moved else min(self._interval * backoff.factor,
                                                          backoff.most)
         self._due = time.monotonic() + self._interval
