@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,27 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from gridcouple.cli.certs import make_ca, make_site
 from gridcouple.jobman.client import JobManagerClient
 from gridcouple.jobman.launch import LaunchedJobManager, launch, start_job_manager
 
 GRIDCOUPLE = str(Path(sys.executable).with_name("gridcouple"))
 
 
-def make_certificate(directory: Path, *addresses: str) -> tuple[Path, Path]:
-    """A self-signed EC certificate (its own CA) for 127.0.0.1, localhost and ``addresses``;
-    returns (certificate, key)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command makes the test certificate")
-    names = ",".join(["IP:127.0.0.1", "DNS:localhost", *(f"IP:{a}" for a in addresses)])
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-keyout", str(key),
-                    "-out", str(cert), "-subj", "/CN=gridcouple-jobman-test",
-                    "-addext", f"subjectAltName={names}"], check=True, capture_output=True)
-    key.chmod(0o600)
-    return cert, key
+def make_certificate(directory: Path, *addresses: str) -> tuple[Path, Path, Path]:
+    """A certificate authority and a certificate it signed for 127.0.0.1, localhost and
+    ``addresses``, as ``gridcouple certs`` makes them; returns (the authority's certificate,
+    the certificate, its key)."""
+    make_ca(directory / "ca", days=2, force=True)
+    site = make_site(directory / "ca", "site", hosts=["127.0.0.1", "localhost", *addresses],
+                     days=2, force=True)
+    return site / "ca.pem", site / "cert.pem", site / "key.pem"
 
 
 @dataclass
@@ -120,9 +112,8 @@ def start_jobman(directory: Path, *, users: tuple[str, ...] = ("alice", "bob"), 
                               "apps": ["gridcouple.recipes.*"], "grace_period": 1.0}
     ca_file = None
     if tls:
-        cert, key = make_certificate(directory)
+        ca_file, cert, key = make_certificate(directory)
         values.update(tls_cert=cert, tls_key=key)
-        ca_file = cert
     values.update(settings)
     started = start_job_manager(directory, values, users)
     return JobManagerProcess(**vars(started), ca_file=ca_file)

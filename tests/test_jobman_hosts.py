@@ -38,13 +38,13 @@ def service() -> dict[str, dict]:
 def coupled_config(path, shared, backends: dict[str, dict]) -> str:
     """A client configuration: a coupler on the bridge with TLS files the test hosts see, a
     field store in the shared directory, and a jobmanager backend per instance."""
-    cert, key = make_certificate(shared, "169.254.77.1")
+    ca, cert, key = make_certificate(shared, "169.254.77.1")
     text = f'state_dir = "{path / "state"}"\n[backend]\nname = "{next(iter(backends))}"\n'
     for name, instance in backends.items():
         text += toml_table(f"backend.{name}", {
             "type": "jobmanager", "url": instance["url"], "token_file": instance["token_file"],
             "ca_file": instance["ca_file"]})
-    text += toml_table("coupler", {"host": "169.254.77.1", "tls_ca_file": str(cert),
+    text += toml_table("coupler", {"host": "169.254.77.1", "tls_ca_file": str(ca),
                                    "tls_cert": str(cert), "tls_key": str(key),
                                    "field_store": str(shared / "fields")})
     config = path / "gridcouple.toml"
