@@ -81,6 +81,15 @@ class Client:
     requests: int = 0
 
 
+def open_queue(settings: JobManagerSection, work_root: Path) -> LocalBackend:
+    """The job manager's queue: a local backend on ``work_root/queue`` with ``max_jobs``
+    slots."""
+    return LocalBackend(
+        LocalOptions(slots=settings.max_jobs, policy=settings.policy,
+                     grace_period=settings.grace_period, idle_exit=60.0),
+        state_dir=work_root / "queue", name="jobman")
+
+
 class JobManager:
     """The core of one job manager (see the module docstring)."""
 
@@ -89,10 +98,7 @@ class JobManager:
         self.work_root = work_root
         self.python = settings.python or sys.executable
         work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.queue = LocalBackend(
-            LocalOptions(slots=settings.max_jobs, policy=settings.policy,
-                         grace_period=settings.grace_period, idle_exit=60.0),
-            state_dir=work_root / "queue", name="jobman")
+        self.queue = open_queue(settings, work_root)
         self.uploads_root = work_root / "uploads"
         shutil.rmtree(self.uploads_root, ignore_errors=True)  # a restart drops half-made uploads
         self.uploads_root.mkdir(mode=0o700)

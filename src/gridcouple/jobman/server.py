@@ -43,7 +43,7 @@ from gridcouple.config import Config
 from gridcouple.errors import ConfigError
 from gridcouple.jobman import files
 from gridcouple.jobman.acl import Acl
-from gridcouple.jobman.manager import JobManager, Refused
+from gridcouple.jobman.manager import JobManager, Refused, open_queue
 from gridcouple.jobman.page import render_page
 from gridcouple.jobman.settings import JobManagerSection
 from gridcouple.jobman.tokens import TokenStore
@@ -590,14 +590,14 @@ def stop(config: Config, *, cancel_jobs: bool = False, timeout: float = 30.0) ->
     else:
         done.append(f"no job manager was running on {work_root}")
     if cancel_jobs and (work_root / "queue").is_dir():
-        manager = JobManager(settings, work_root)
-        live = [r.job for r in manager.queue.journal.records("jobman", active_only=True)]
+        queue = open_queue(settings, work_root)
+        live = [r.job for r in queue.journal.records("jobman", active_only=True)]
         if live:
-            manager.queue.cancel(live)
-            manager.queue.wait(live, timeout=manager.queue.end_grace)
+            queue.cancel(live)
+            queue.wait(live, timeout=queue.end_grace)
             done.append(f"canceled {len(live)} jobs")
-        manager.queue.stop_daemon()
-        manager.queue.close()
+        queue.stop_daemon()
+        queue.close()
     return "; ".join(done)
 
 
