@@ -161,8 +161,7 @@ class _Session:
         statuses = {r.job.id: r.status for r in records}
         for name, jobs in _by_backend(r.job for r in records
                                       if not r.status.state.is_final).items():
-            statuses.update(zip((j.id for j in jobs), self.backend(name).status(jobs),
-                                strict=True))
+            statuses.update(_statuses(self.backend(name), jobs))
         return statuses
 
     def close(self) -> None:
@@ -176,6 +175,11 @@ class _Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _statuses(backend: Backend, jobs: Sequence[Job]) -> dict[int, JobStatus]:
+    """The current status of each job (one query), by job id."""
+    return dict(zip((j.id for j in jobs), backend.status(jobs), strict=True))
 
 
 def _by_backend(jobs: Iterable[Job]) -> dict[str, list[Job]]:
@@ -658,7 +662,7 @@ def cancel(
             if signal:
                 chosen.send_signal(jobs, signal)
                 chosen.wait(jobs, timeout=grace)
-                after = dict(zip((j.id for j in jobs), chosen.status(jobs), strict=True))
+                after = _statuses(chosen, jobs)
                 for job in jobs:
                     if after[job.id].state.is_final:
                         name_of = signal.upper().removeprefix("SIG")
@@ -679,11 +683,11 @@ def _hold_or_release(ids: list[str], session: _Session, release: bool) -> None:
     wanted = JobState.HELD if release else JobState.QUEUED
     for name, jobs in _by_backend(live).items():
         chosen = session.backend(name)
-        before = dict(zip((j.id for j in jobs), chosen.status(jobs), strict=True))
+        before = _statuses(chosen, jobs)
         fit = [j for j in jobs if before[j.id].state in (wanted, JobState.NEW)]
         if fit:
             (chosen.release if release else chosen.hold)(fit)
-        after = dict(zip((j.id for j in jobs), chosen.status(jobs), strict=True))
+        after = _statuses(chosen, jobs)
         for job in jobs:
             state = after[job.id].state
             if release and state is not JobState.HELD and job in fit:
