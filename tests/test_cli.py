@@ -336,7 +336,13 @@ def test_status_watch_says_no_jobs(cli, tmp_path):
            "XDG_STATE_HOME": str(tmp_path / "xdg")}
     with subprocess.Popen([GRIDCOUPLE, "status", "--watch", "--interval", "0.1"],
                           stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path) as watching:
-        time.sleep(1.0)
+        # Ctrl-C once it watches (asleep between refreshes), not after a fixed time that a
+        # loaded machine may not give it to start: a Ctrl-C in its imports is a traceback
+        wchan = Path(f"/proc/{watching.pid}/wchan")
+        deadline = time.monotonic() + 60
+        while wchan.exists() and wchan.read_text() != "hrtimer_nanosleep":
+            assert time.monotonic() < deadline and watching.poll() is None, "it never watched"
+            time.sleep(0.05)
         watching.send_signal(signal.SIGINT)
         output = watching.communicate(timeout=10)[0]
     assert watching.returncode == 0
