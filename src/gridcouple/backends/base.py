@@ -140,7 +140,12 @@ class Backend(abc.ABC):
 
     def status(self, jobs: Sequence[Job]) -> list[JobStatus]:
         """Statuses in the order of ``jobs``; final ones come from the journal unqueried."""
-        records = self.journal.get(job.id for job in jobs)
+        return self.statuses_of(self.journal.get(job.id for job in jobs))
+
+    def statuses_of(self, records: Sequence[JobRecord]) -> list[JobStatus]:
+        """The base :meth:`status`, for jobs whose journal records the caller has read
+        already (one native query for those not final; batch backends' ``status`` goes
+        through their watcher instead)."""
         pending = [r for r in records if not r.status.state.is_final]
         changed = self.record(pending, self.query(pending) if pending else {})
         return statuses_after(self.journal, records, changed)

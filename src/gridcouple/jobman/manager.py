@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gridcouple.backends.base import statuses_after
 from gridcouple.backends.local import LocalBackend, LocalOptions
 from gridcouple.errors import BackendError, GridcoupleError, JobNotFoundError
 from gridcouple.jobman import files
@@ -280,11 +279,7 @@ class JobManager:
         """The status of each job, in the order asked; ``error`` for one that is not yours."""
         wanted = _ids(ids)
         records = self._records(user, wanted)
-        mine = list(records.values())
-        # Backend.status on records already read: the queue's daemon keeps them current.
-        pending = [r for r in mine if not r.status.state.is_final]
-        changed = self.queue.record(pending, self.queue.query(pending)) if pending else []
-        statuses = dict(zip(records, statuses_after(self.queue.journal, mine, changed),
+        statuses = dict(zip(records, self.queue.statuses_of(list(records.values())),
                             strict=True))
         return [_status_json(i, records[i].job.spec.name, statuses[i]) if i in records
                 else {"id": i, "error": "no such job of yours"} for i in wanted]
