@@ -20,7 +20,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from gridcouple.backends.local import LocalBackend, LocalOptions
+from gridcouple.cli.certs import make_ca, make_site
 from gridcouple.config import load_config
 from gridcouple.coupler import Coupler
 from gridcouple.jobman.client import JobManagerClient, read_token
@@ -43,15 +43,12 @@ SHARED = Path("/var/tmp/gridcouple-hosts-shared")
 RACE_JOB = ["sh", "-c", "date +%s.%N; sleep 0.5; date +%s.%N"]
 
 
-def certificate(directory: Path, *addresses: str) -> tuple[Path, Path]:
-    """A self-signed certificate (its own CA) for loopback and ``addresses``."""
-    names = ",".join(["IP:127.0.0.1", *(f"IP:{a}" for a in addresses)])
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-keyout", str(key),
-                    "-out", str(cert), "-subj", "/CN=bench", "-addext",
-                    f"subjectAltName={names}"], check=True, capture_output=True)
-    return cert, key
+def certificate(directory: Path, *addresses: str) -> tuple[Path, Path, Path]:
+    """An authority and a certificate it signed for loopback and ``addresses``, as
+    ``gridcouple certs`` makes them: (the authority's certificate, the certificate, its key)."""
+    make_ca(directory / "ca", days=1)
+    site = make_site(directory / "ca", "bench", hosts=["127.0.0.1", *addresses], days=1)
+    return site / "ca.pem", site / "cert.pem", site / "key.pem"
 
 
 def round_trips(config_path: Path, backends: Sequence[str], rounds: int) -> dict[str, list[float]]:
@@ -82,7 +79,7 @@ def report_round_trips(title: str, times: dict[str, list[float]], peer: str) -> 
 
 
 def loopback_round_trips(work: Path, rounds: int) -> None:
-    cert, key = certificate(work)
+    ca, cert, key = certificate(work)
     jm = start_job_manager(work / "jm", {"apps": ["gridcouple.recipes.*"], "max_jobs": 4,
                                          "tls_cert": cert, "tls_key": key})
     try:
@@ -90,7 +87,7 @@ def loopback_round_trips(work: Path, rounds: int) -> None:
         config.write_text(
             f'state_dir = "{work / "state"}"\n' + toml_table("backend.local", {"slots": 4})
             + toml_table("backend.jobmanager-loopback", {
-                "type": "jobmanager", "url": jm.url, "ca_file": cert,
+                "type": "jobmanager", "url": jm.url, "ca_file": ca,
                 "token_file": jm.token_files["coupler"], "poll_interval": 0.2}))
         times = round_trips(config, ["local", "jobmanager-loopback"], rounds)
         report_round_trips("allocation round trip, loopback (HTTPS):", times, "local")
@@ -110,14 +107,14 @@ def cross_host_round_trips(work: Path, rounds: int) -> None:
         return
     shared = Path(tempfile.mkdtemp(prefix="jobman-bench-", dir=SHARED))
     try:
-        cert, key = certificate(shared, "169.254.77.1")
+        ca, cert, key = certificate(shared, "169.254.77.1")
         config = work / "hosts.toml"
         config.write_text(
             f'state_dir = "{work / "state-hosts"}"\n' + toml_table("backend.local", {"slots": 4})
             + toml_table("backend.jobmanager-gc-h1", {
                 "type": "jobmanager", "url": h1["url"], "ca_file": h1["ca_file"],
                 "token_file": h1["token_file"], "poll_interval": 0.2})
-            + toml_table("coupler", {"host": "169.254.77.1", "tls_ca_file": cert,
+            + toml_table("coupler", {"host": "169.254.77.1", "tls_ca_file": ca,
                                      "tls_cert": cert, "tls_key": key,
                                      "field_store": str(shared / "fields")}))
         times = round_trips(config, ["local", "jobmanager-gc-h1"], rounds)
