@@ -28,16 +28,11 @@ from pathlib import Path
 from gridcouple.backends.htcondor import HTCondorBackend, HTCondorOptions
 from gridcouple.backends.htcondor.backend import schedd_submit
 from gridcouple.jobs import JobSpec
+from slurm_submit import timed  # this folder's scripts share their timer
 
 INFO = Path(__file__).resolve().parents[1] / ".gridcouple-services" / "htcondor.json"
 JOBS = 1000
 TRIVIAL = 100
-
-
-def timed(action) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = action()
-    return time.perf_counter() - start, result
 
 
 class PoolBackend(HTCondorBackend):

@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from slurm_submit import timed  # this folder's scripts share their timer
 
 PARKED = "parked"
 ROUNDS = 3
@@ -42,12 +43,6 @@ POLL = 5.0  # the Slurm backend's default poll_interval
 
 def trivial(x: int) -> int:
     return x + 1
-
-
-def timed(action: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = action()
-    return time.perf_counter() - start, result
 
 
 def scancel(ids: list[str]) -> None:
