@@ -38,7 +38,7 @@ TRIVIAL = 100
 class PoolBackend(HTCondorBackend):
     """The backend, with the state directory handed to the pool's job user before a submit."""
 
-    job_uid = 2001
+    job_uid = 0  # the pool's job user, from its record
 
     def submit_array(self, shape, script, count, name, tag):
         for root, _, files in os.walk(self.state_dir):
@@ -90,6 +90,7 @@ def main() -> int:
     for path in (root, root / "state", root / "state" / "htcondor", root / "peer"):
         os.chown(path, info["job_uid"], info["job_uid"])
     backend = PoolBackend(HTCondorOptions(), state_dir=root / "state")
+    backend.job_uid = info["job_uid"]
     parked = [JobSpec(argv=("echo", str(i)), name="bench",
                       attributes={"htcondor.requirements": "false"}) for i in range(JOBS)]
     peer_clusters: list[int] = []
