@@ -94,11 +94,17 @@ def make_ca(directory: Path, *, name: str = "gridcouple CA", days: int = DEFAULT
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .sign(key, hashes.SHA256()))
+    _write_pair(key_path, key, cert_path, cert)
+    return cert_path, key_path
+
+
+def _write_pair(key_path: Path, key: ec.EllipticCurvePrivateKey, cert_path: Path,
+                cert: x509.Certificate) -> None:
+    """A private key (owner-only) and its certificate, as PEM."""
     _write(key_path, key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
-    return cert_path, key_path
 
 
 def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -161,10 +167,7 @@ def make_site(ca_directory: Path, name: str, *, hosts: list[str] | None = None,
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    _write(paths[2], key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()), private=True)
-    _write(paths[1], cert.public_bytes(serialization.Encoding.PEM), private=False)
+    _write_pair(paths[2], key, paths[1], cert)
     _write(paths[0], ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     return directory
 
