@@ -29,22 +29,21 @@ def _plain_help(params: list[Any]) -> None:
             param.metavar = (param.name or "value").upper()
 
 
-class Command(TyperCommand):
+class _PlainHelp:
+    """Help that shows no Python types (mixed into typer's command and group classes)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        _plain_help(params)
+        return params
+
+
+class Command(_PlainHelp, TyperCommand):
     """A command whose help shows no Python types."""
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        _plain_help(params)
-        return params
 
-
-class Group(TyperGroup):
+class Group(_PlainHelp, TyperGroup):
     """A group of commands whose help shows no Python types."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        _plain_help(params)
-        return params
 
 
 class _Typer(typer.Typer):
