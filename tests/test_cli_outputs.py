@@ -5,6 +5,7 @@ and the thermo-mechanical recipe's --out."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,8 +59,16 @@ def test_many_jobs_are_drawn_as_occupancy_not_boxes(tmp_path, monkeypatch):
     runs = [(name, simulate_jobs(replay.jobs, make_policy(name), replay.procs))
             for name in ("fcfs", "easy")]
     drawn: list[str] = []
-    monkeypatch.setattr(plots, "_gantt", lambda *a: drawn.append("gantt"))
-    monkeypatch.setattr(plots, "_occupancy", lambda *a: drawn.append("occupancy"))
+
+    def recorded(name: str, draw: Any) -> Any:
+        """The real drawing function, noting that it was chosen (a spy, not a stand-in)."""
+        def spy(*args: Any) -> Any:
+            drawn.append(name)
+            return draw(*args)
+        return spy
+
+    for name in ("gantt", "occupancy"):
+        monkeypatch.setattr(plots, f"_{name}", recorded(name, getattr(plots, f"_{name}")))
     plots.plot_schedules(runs, tmp_path / "a.png", gantt_limit=5)
     plots.plot_schedules(runs, tmp_path / "b.png", gantt_limit=4)
     assert drawn == ["gantt", "gantt", "occupancy", "occupancy"]
